@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from pathlib import Path
 
 import keras
@@ -118,7 +120,7 @@ def load_checkpoint(gan: DCGAN, path: Path) -> int:
 
 
 class EpochOutputs(keras.callbacks.Callback):
-    """After each epoch: the history CSV and MLflow metrics; every N epochs a sample grid and a checkpoint."""
+    """After each epoch: the history CSV; every N epochs a sample grid and a checkpoint."""
 
     def __init__(self, config: Config, history_path: Path, grid_dir: Path, checkpoint_path: Path):
         super().__init__()
@@ -127,20 +129,36 @@ class EpochOutputs(keras.callbacks.Callback):
         side = config.train.grid_size
         self.noise = fixed_noise(config.seed, side * side, config.train.latent_dim)
         self.rows: list[dict] = []
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         number = epoch + 1
         metrics = {name: float(logs[name]) for name in METRIC_NAMES}
+        metrics["seconds"] = time.perf_counter() - self.started
         self.rows.append({"epoch": number, **metrics})
         with atomic_path(self.history_path) as tmp:
             pd.DataFrame(self.rows).to_csv(tmp, index=False)
-        tracking.log_metrics(metrics, step=number)
         last = number == self.config.train.epochs
         if number % self.config.train.sample_every == 0 or last:
             images = to_uint8(generate(self.model.generator, self.noise))
             save_png(self.grid_dir / f"epoch_{number:04d}.png", tile(images, self.config.train.grid_size))
         if number % self.config.train.checkpoint_every == 0 or last:
             save_checkpoint(self.model, number, self.config, self.checkpoint_path)
+
+
+class MlflowEpochMetrics(keras.callbacks.Callback):
+    """Logs each epoch's metrics to the active MLflow run, the epoch number as the step."""
+
+    def __init__(self, outputs: EpochOutputs):
+        super().__init__()
+        self.outputs = outputs  # runs first and holds the row with the epoch's wall time
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        row = dict(self.outputs.rows[-1])
+        tracking.log_metrics(row, step=row.pop("epoch"))
 
 
 def configure_devices() -> str:
@@ -155,8 +173,12 @@ def configure_devices() -> str:
     return f"GPU x{len(gpus)}" if gpus else "CPU"
 
 
-def train_gan(config: Config, images: np.ndarray, verbose: int | str = "auto") -> tuple[DCGAN, pd.DataFrame]:
-    """Returns the trained DCGAN and its per-epoch history, writing grids and checkpoints on the way."""
+def train_gan(config: Config, images: np.ndarray, verbose: int | None = None,
+              track: bool = False) -> tuple[DCGAN, pd.DataFrame]:
+    """Returns the trained DCGAN and its per-epoch history, writing grids and checkpoints on the way.
+
+    With `track`, each epoch's metrics also go to the active MLflow run.
+    """
     if config.train.batch_size > len(images):
         raise ValueError(f"train.batch_size {config.train.batch_size} is larger than the "
                          f"{len(images)} training images")
@@ -164,8 +186,12 @@ def train_gan(config: Config, images: np.ndarray, verbose: int | str = "auto") -
     keras.utils.set_random_seed(config.seed)
     gan = build_gan(config, tuple(images.shape[1:]))
     outputs = EpochOutputs(config, paths.HISTORY, paths.PROGRESS_GRIDS, paths.CHECKPOINT)
+    callbacks = [outputs, MlflowEpochMetrics(outputs)] if track else [outputs]
+    if verbose is None:
+        # A live progress bar on a terminal; one line per epoch in logs, where a bar is noise.
+        verbose = 1 if sys.stdout.isatty() else 2
     gan.fit(images, batch_size=config.train.batch_size, epochs=config.train.epochs, shuffle=True,
-            callbacks=[outputs], verbose=verbose)
+            callbacks=callbacks, verbose=verbose)
     return gan, pd.DataFrame(outputs.rows)
 
 
@@ -205,7 +231,7 @@ def log_generator(generator: keras.Model, latent_dim: int, seed: int) -> None:
 def train_and_log(config: Config, train_images: np.ndarray, manifest: dict) -> pd.DataFrame:
     """Returns the history of a full training run, with every output written and tracked in a new MLflow run."""
     with tracking.start_run(config, manifest, paths.MLFLOW_RUN):
-        gan, history = train_gan(config, train_images)
+        gan, history = train_gan(config, train_images, track=True)
         save_models(gan)
         final = history.iloc[-1].drop("epoch").to_dict()
         write_json(paths.TRAIN_METRICS, {"epochs": int(history["epoch"].iloc[-1]), **final})

@@ -1,0 +1,150 @@
+"""End to end: `dvc repro` in a fresh git repo runs all five stages into one MLflow run, then skips them all."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, TINY_OVERRIDES, closed_port_url, default_params, merge
+
+STAGES = ("download", "normalize", "train", "sample", "evaluate")
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A fresh git + DVC project with the tiny profile, after one `dvc repro`; yields (root, env, output)."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    # Nothing listens on the mirror: the download must take the offline fallback, as with no network.
+    params = merge(default_params(), merge(TINY_OVERRIDES, {"data": {"mirror": closed_port_url()}}))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               DVC_NO_ANALYTICS="1")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    run(["git", "init", "-q"], root, env)
+    run([dvc, "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny"], root, env)
+    output = run([dvc, "repro"], root, env)
+    yield root, env, dvc, output.stdout
+
+
+def test_repro_runs_every_stage(project):
+    _, _, _, stdout = project
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in stdout
+
+
+def test_every_declared_output_exists(project):
+    root, *_ = project
+    for path in ("data/raw/mnist/manifest.json", "data/processed/train.npz", "data/processed/holdout.npz",
+                 "data/processed/stats.csv", "models/generator.keras", "models/discriminator.keras",
+                 "models/checkpoints/checkpoint.npz", "models/classifier.keras", "models/mlflow_run.json",
+                 "reports/train/history.csv", "reports/train/grids/epoch_0001.png", "samples/grid.png",
+                 "samples/interpolation.png", "metrics/train.json", "metrics/eval.json", "dvc.lock"):
+        assert (root / path).is_file(), path
+
+
+def test_samples_are_uint8_nhwc(project):
+    root, *_ = project
+    with np.load(root / "samples/samples.npz", allow_pickle=False) as f:
+        assert f["images"].shape == (TINY_OVERRIDES["sample"]["count"], 28, 28, 1)
+        assert f["images"].dtype == np.uint8
+
+
+def test_eval_metrics_are_real_numbers(project):
+    root, *_ = project
+    metrics = json.loads((root / "metrics/eval.json").read_text())
+    for key in ("fid", "fid_real_floor", "fid_untrained", "inception_score", "classifier_holdout_accuracy",
+                "classes_covered"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["fid_real_floor"] < metrics["fid_untrained"]
+    manifest = json.loads((root / "data/raw/mnist/manifest.json").read_text())
+    assert manifest["offline_fallback"] is True and manifest["images"] == 5000
+
+
+def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
+    from mlflow.tracking import MlflowClient
+
+    root, env, *_ = project
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
+    assert run.data.params["train.epochs"] == "1" and run.data.params["train.lr"] == "0.0002"
+    assert run.data.params["model.generator_filters"] == "[16, 8]"
+    for key in ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "d_real", "d_fake", "fid", "inception_score",
+                "classifier_holdout_accuracy", "classes_covered"):
+        assert key in run.data.metrics, key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [1]
+    artifacts = {a.path for folder in ("train", "samples", "metrics")
+                 for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"train/history.csv", "samples/grid.png", "samples/interpolation.png", "metrics/eval.json"} <= artifacts
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    tags = run.data.tags
+    assert tags["git.commit"] == head
+    assert tags["data.offline_fallback"] == "true" and "OFFLINE FALLBACK" in tags["data.warning"]
+    manifest = json.loads((root / "data/raw/mnist/manifest.json").read_text())
+    assert tags["data.sha256"] == manifest["sha256"] and tags["data.source"] == manifest["source"]
+    assert any(key.startswith("dvc.train.models/generator.keras") for key in tags)
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert [m.name for m in models] == ["generator"] and models[0].source_run_id == run.info.run_id
+
+
+def test_rerun_skips_every_stage(project):
+    root, env, dvc, _ = project
+    stdout = run([dvc, "repro"], root, env).stdout
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in stdout
+    assert "Running stage" not in stdout
+
+
+def test_changing_epochs_invalidates_only_train_and_after(project):
+    root, env, dvc, _ = project
+    params_path = root / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["epochs"] = 2
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        stdout = run([dvc, "repro", "--dry"], root, env).stdout
+    finally:
+        params_path.write_text(original)
+    assert "Running stage 'train'" in stdout
+    assert "Running stage 'download'" not in stdout and "Running stage 'normalize'" not in stdout
+
+
+def test_queued_experiment_copy_resolves_to_the_project_store(tmp_path, monkeypatch):
+    from pipeline.tracking import project_root, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    copy.mkdir(parents=True)
+    assert project_root(copy) == tmp_path.resolve()
+    assert tracking_uri(copy) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_tracking_uri_from_the_environment_wins(monkeypatch, tmp_path):
+    from pipeline.tracking import tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(tmp_path) == "http://127.0.0.1:5000"

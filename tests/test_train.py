@@ -1,0 +1,51 @@
+"""train: one epoch on real digits writes history, grids and a checkpoint that restores exactly."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import paths
+from pipeline.train import METRIC_NAMES, build_gan, load_checkpoint, train_gan
+
+
+@pytest.fixture
+def trained(tiny_config, scaled_digits, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images, _ = scaled_digits
+    return train_gan(tiny_config, images[:256], verbose=0)
+
+
+def test_history_has_every_metric_per_epoch(trained, tmp_path):
+    _, history = trained
+    assert list(history.columns) == ["epoch", *METRIC_NAMES, "seconds"]
+    assert history["epoch"].tolist() == [1]
+    on_disk = pd.read_csv(tmp_path / paths.HISTORY)
+    assert on_disk["epoch"].tolist() == [1]
+    row = history.iloc[0]
+    assert np.isfinite(row[list(METRIC_NAMES)].to_numpy(float)).all()
+    assert 0.0 <= row["d_acc_real"] <= 1.0 and 0.0 < row["d_real"] < 1.0
+
+
+def test_sample_grid_and_checkpoint_are_written(trained, tmp_path):
+    assert (tmp_path / paths.PROGRESS_GRIDS / "epoch_0001.png").exists()
+    assert (tmp_path / paths.CHECKPOINT).exists()
+    assert not list((tmp_path / paths.CHECKPOINT.parent).glob(".*tmp*"))
+
+
+def test_checkpoint_restores_both_models_and_optimizers(trained, tiny_config, tmp_path):
+    gan, _ = trained
+    fresh = build_gan(tiny_config, (28, 28, 1))
+    fresh.d_optimizer.build(fresh.discriminator.trainable_variables)
+    fresh.g_optimizer.build(fresh.generator.trainable_variables)
+    epoch = load_checkpoint(fresh, tmp_path / paths.CHECKPOINT)
+    assert epoch == 1
+    for part in ("generator", "discriminator", "g_optimizer", "d_optimizer"):
+        for a, b in zip(getattr(gan, part).variables, getattr(fresh, part).variables):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_batch_larger_than_dataset_is_refused_before_training(tiny_config, scaled_digits, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="train.batch_size 32 is larger than the 10 training images"):
+        train_gan(tiny_config, scaled_digits[0][:10], verbose=0)
+    assert not (tmp_path / "models").exists()
