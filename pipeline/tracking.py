@@ -37,14 +37,24 @@ def tracking_uri(cwd: Path | None = None) -> str:
 def start_run(config: Config, manifest: Mapping[str, Any], run_file: Path) -> mlflow.ActiveRun:
     """Returns a new active run in the dataset's experiment, its params and tags logged, its id in `run_file`."""
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(config.data.name)
-    run = mlflow.start_run(tags=run_tags(manifest))
+    run = mlflow.start_run(experiment_id=experiment_id(config.data.name), tags=run_tags(manifest))
     mlflow.log_params(to_flat_dict(config))
     write_json(run_file, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
     if manifest.get("offline_fallback"):
         log.warning("This run trains on the OFFLINE FALLBACK data (%s), not the full dataset.",
                     manifest["source"])
     return run
+
+
+def experiment_id(name: str) -> str:
+    """Returns the id of the MLflow experiment `name`, created if needed."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # With the embedded store, pin artifacts to the project root: an experiment first created
+    # inside a queued run's temporary copy would otherwise keep its artifacts in that copy.
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (project_root() / "mlruns").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
 
 
 def resume_run(run_file: Path) -> mlflow.ActiveRun:

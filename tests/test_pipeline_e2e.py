@@ -40,6 +40,7 @@ def project(tmp_path_factory):
     dvc = str(Path(sys.executable).parent / "dvc")
     run(["git", "init", "-q"], root, env)
     run([dvc, "init", "-q"], root, env)
+    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the default remote
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "tiny"], root, env)
     output = run([dvc, "repro"], root, env)
@@ -102,6 +103,7 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     tags = run.data.tags
     assert tags["git.commit"] == head
+    assert Path(experiment.artifact_location.removeprefix("file://")).is_relative_to(root / "mlruns")
     assert tags["data.offline_fallback"] == "true" and "OFFLINE FALLBACK" in tags["data.warning"]
     manifest = json.loads((root / "data/raw/mnist/manifest.json").read_text())
     assert tags["data.sha256"] == manifest["sha256"] and tags["data.source"] == manifest["source"]
@@ -148,3 +150,11 @@ def test_tracking_uri_from_the_environment_wins(monkeypatch, tmp_path):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_push_sends_data_and_models_to_the_default_remote(project):
+    root, env, dvc, _ = project
+    run([dvc, "push"], root, env)
+    assert len([p for p in (root / ".dvc-remote").rglob("*") if p.is_file()]) >= 10
+    status = run([dvc, "status", "--cloud"], root, env).stdout
+    assert "Cache and remote 'local' are in sync" in status
