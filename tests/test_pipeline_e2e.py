@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,28 @@ def test_push_sends_data_and_models_to_the_default_remote(project):
     assert len([p for p in (root / ".dvc-remote").rglob("*") if p.is_file()]) >= 10
     status = run([dvc, "status", "--cloud"], root, env).stdout
     assert "Cache and remote 'local' are in sync" in status
+
+
+def test_queued_experiment_runs_in_a_copy_and_logs_into_the_project_store(project):
+    from mlflow.tracking import MlflowClient
+
+    root, env, dvc, _ = project
+    run([dvc, "exp", "run", "--queue", "-n", "two-epochs", "-S", "train.epochs=2"], root, env)
+    run([dvc, "queue", "start"], root, env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run([dvc, "queue", "status"], root, env).stdout
+        if "two-epochs" in status and not any(s in status for s in ("Queued", "Running")):
+            break
+        time.sleep(3)
+    assert "Success" in status, status
+    shown = json.loads(run([dvc, "exp", "show", "--json"], root, env).stdout)
+    assert "two-epochs" in json.dumps(shown) and '"fid"' in json.dumps(shown)
+    assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist")
+    queued = [r for r in client.search_runs([experiment.experiment_id])
+              if r.data.tags.get("dvc.exp_name") == "two-epochs"]
+    assert len(queued) == 1
+    assert queued[0].data.params["train.epochs"] == "2" and "fid" in queued[0].data.metrics
+    assert queued[0].data.tags["dvc.exp_baseline_rev"] == queued[0].data.tags["git.commit"]
