@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 DATASETS = ("mnist",)
+GENERATOR_CHOICES = ("best", "last")
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,15 @@ class TrainConfig:
     sample_every: int = _spec(min=1)
     grid_size: int = _spec(min=1, max=32)
     checkpoint_every: int = _spec(min=1)
+    eval_every: int = _spec(min=1, doc="epochs between FID/KID evaluations; the best FID is kept")
+    eval_samples: int = _spec(min=10, doc="generated images per evaluation during training")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    epochs: int = _spec(min=1)
+    batch_size: int = _spec(min=1)
+    lr: float = _spec(min=0.0, max=1.0, min_exclusive=True)
 
 
 @dataclass(frozen=True)
@@ -63,17 +73,21 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    num_samples: int = _spec(min=4)
-    classifier_epochs: int = _spec(min=1)
-    classifier_batch_size: int = _spec(min=1)
+    num_samples: int = _spec(min=10, doc="generated images scored; real sets are capped at half the train split")
     inception_splits: int = _spec(min=1)
+    kid_subsets: int = _spec(min=1)
+    kid_subset_size: int = _spec(min=2)
+    precision_recall_k: int = _spec(min=1)
+    density_coverage_k: int = _spec(min=1)
 
 
 @dataclass(frozen=True)
 class Config:
     seed: int = _spec(min=0, max=2**32 - 1)
+    generator: str = _spec(choices=GENERATOR_CHOICES, doc="the saved generator sample and evaluate use")
     data: DataConfig = _spec()
     model: ModelConfig = _spec()
+    classifier: ClassifierConfig = _spec()
     train: TrainConfig = _spec()
     sample: SampleConfig = _spec()
     evaluate: EvaluateConfig = _spec()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
+from pathlib import Path
+
 from keras import layers
 
 from pipeline.config import ModelConfig
@@ -62,3 +65,21 @@ def build_classifier(image_shape: tuple[int, int, int], num_classes: int) -> ker
     x = layers.Dropout(0.3)(features)
     logits = layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inputs, logits, name="classifier")
+
+
+def fixed_noise(seed: int, count: int, latent_dim: int) -> np.ndarray:
+    """Returns the same (count, latent_dim) standard normal noise for the same seed."""
+    return np.random.default_rng(seed).standard_normal((count, latent_dim)).astype(np.float32)
+
+
+def generate(generator: keras.Model, noise: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Returns the generator's images in [-1, 1] for `noise`, in inference mode."""
+    return np.concatenate([np.asarray(generator.predict_on_batch(noise[i:i + batch_size]))
+                           for i in range(0, len(noise), batch_size)])
+
+
+def load_model(path: Path) -> keras.Model:
+    """Returns the model saved at `path`, loaded in Keras' safe mode (no arbitrary code)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}; run the stage that writes it first")
+    return keras.saving.load_model(path, compile=False, safe_mode=True)

@@ -10,6 +10,7 @@ DATA_STATS = PROCESSED / "stats.csv"
 
 MODELS = Path("models")
 GENERATOR = MODELS / "generator.keras"
+GENERATOR_BEST = MODELS / "generator_best.keras"
 DISCRIMINATOR = MODELS / "discriminator.keras"
 CHECKPOINT = MODELS / "checkpoints" / "checkpoint.npz"
 CLASSIFIER = MODELS / "classifier.keras"
@@ -17,6 +18,7 @@ MLFLOW_RUN = MODELS / "mlflow_run.json"
 
 TRAIN_REPORTS = Path("reports/train")
 HISTORY = TRAIN_REPORTS / "history.csv"
+FID_HISTORY = TRAIN_REPORTS / "fid.csv"
 PROGRESS_GRIDS = TRAIN_REPORTS / "grids"
 
 SAMPLES = Path("samples")
@@ -24,6 +26,9 @@ SAMPLES_NPZ = SAMPLES / "samples.npz"
 SAMPLES_GRID = SAMPLES / "grid.png"
 SAMPLES_INTERPOLATION = SAMPLES / "interpolation.png"
 
+REPORT = Path("reports/eval/report.png")
+
+CLASSIFIER_METRICS = Path("metrics/classifier.json")
 TRAIN_METRICS = Path("metrics/train.json")
 EVAL_METRICS = Path("metrics/eval.json")
 
@@ -31,3 +36,8 @@ EVAL_METRICS = Path("metrics/eval.json")
 def raw_dir(dataset: str) -> Path:
     """Returns the folder the download stage fills for `dataset`."""
     return RAW_ROOT / dataset
+
+
+def generator_path(choice: str) -> Path:
+    """Returns the saved generator that `generator: best|last` in params.yaml names."""
+    return GENERATOR_BEST if choice == "best" else GENERATOR

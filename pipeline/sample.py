@@ -10,14 +10,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.files import atomic_path
 from pipeline.images import save_png, tile, to_uint8
-from pipeline.train import fixed_noise, generate
-
-
-def load_generator(path: Path) -> keras.Model:
-    """Returns the generator saved at `path`, loaded in Keras' safe mode (no arbitrary code)."""
-    if not path.exists():
-        raise FileNotFoundError(f"no generator at {path}; run the train stage first")
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+from pipeline.models import fixed_noise, generate
 
 
 def slerp(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:

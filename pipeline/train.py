@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 from keras import ops
 
-from pipeline import paths, tracking
+from pipeline import metrics, paths, tracking
 from pipeline.config import Config
+from pipeline.evaluate import TRAIN_EVAL_NOISE_OFFSET, embed, feature_extractor
 from pipeline.files import atomic_path, write_json
 from pipeline.images import save_png, tile, to_uint8
-from pipeline.models import build_discriminator, build_generator
+from pipeline.models import build_discriminator, build_generator, fixed_noise, generate, load_model
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +86,6 @@ def build_gan(config: Config, image_shape: tuple[int, int, int]) -> DCGAN:
     return gan
 
 
-def fixed_noise(seed: int, count: int, latent_dim: int) -> np.ndarray:
-    """Returns the same (count, latent_dim) standard normal noise for the same seed."""
-    return np.random.default_rng(seed).standard_normal((count, latent_dim)).astype(np.float32)
-
-
-def generate(generator: keras.Model, noise: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Returns the generator's images in [-1, 1] for `noise`, in inference mode."""
-    return np.concatenate([np.asarray(generator.predict_on_batch(noise[i:i + batch_size]))
-                           for i in range(0, len(noise), batch_size)])
-
-
 def save_checkpoint(gan: DCGAN, epoch: int, config: Config, path: Path) -> None:
     """Writes both models' and both optimizers' variables and the epoch to one npz, atomically."""
     arrays = {"epoch": np.array(epoch), "config": np.array(repr(config))}
@@ -149,6 +139,47 @@ class EpochOutputs(keras.callbacks.Callback):
             save_checkpoint(self.model, number, self.config, self.checkpoint_path)
 
 
+class FidTracking(keras.callbacks.Callback):
+    """Every eval_every epochs and at the last: FID and KID of fixed-noise samples; keeps the best generator.
+
+    DCGAN quality peaks and then degrades, so the generator with the lowest FID so far is saved
+    beside the last one.
+    """
+
+    def __init__(self, config: Config, classifier: keras.Model, real_images: np.ndarray, history_path: Path,
+                 best_path: Path, track: bool):
+        super().__init__()
+        self.config, self.history_path, self.best_path, self.track = config, history_path, best_path, track
+        self.extractor = feature_extractor(classifier)
+        count = min(config.train.eval_samples, len(real_images))
+        chosen = np.random.default_rng(config.seed).permutation(len(real_images))[:count]
+        self.real_features, _ = embed(self.extractor, real_images[chosen])
+        self.noise = fixed_noise(config.seed + TRAIN_EVAL_NOISE_OFFSET, count, config.train.latent_dim)
+        self.rows: list[dict] = []
+        self.best: dict | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        number = epoch + 1
+        if number % self.config.train.eval_every and number != self.config.train.epochs:
+            return
+        fake, _ = embed(self.extractor, generate(self.model.generator, self.noise))
+        e = self.config.evaluate
+        kid, _ = metrics.kid(self.real_features, fake, subsets=e.kid_subsets, subset_size=e.kid_subset_size,
+                             seed=self.config.seed)
+        row = {"epoch": number, "fid": metrics.fid(fake, self.real_features), "kid": kid}
+        self.rows.append(row)
+        with atomic_path(self.history_path) as tmp:
+            pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        if self.best is None or row["fid"] < self.best["fid"]:
+            self.best = row
+            with atomic_path(self.best_path) as tmp:
+                self.model.generator.save(tmp)
+        log.info("epoch %d: FID %.3f, KID %.5f (best FID %.3f at epoch %d)", number, row["fid"], kid,
+                 self.best["fid"], self.best["epoch"])
+        if self.track:
+            tracking.log_metrics({"train_fid": row["fid"], "train_kid": kid}, step=number)
+
+
 class MlflowEpochMetrics(keras.callbacks.Callback):
     """Logs each epoch's metrics to the active MLflow run, the epoch number as the step."""
 
@@ -173,11 +204,12 @@ def configure_devices() -> str:
     return f"GPU x{len(gpus)}" if gpus else "CPU"
 
 
-def train_gan(config: Config, images: np.ndarray, verbose: int | None = None,
-              track: bool = False) -> tuple[DCGAN, pd.DataFrame]:
-    """Returns the trained DCGAN and its per-epoch history, writing grids and checkpoints on the way.
+def train_gan(config: Config, images: np.ndarray, classifier: keras.Model, verbose: int | None = None,
+              track: bool = False) -> tuple[DCGAN, pd.DataFrame, pd.DataFrame]:
+    """Returns the trained DCGAN, its per-epoch history and its FID history.
 
-    With `track`, each epoch's metrics also go to the active MLflow run.
+    On the way it writes grids, checkpoints and the best-FID generator; with `track`, metrics also
+    go to the active MLflow run.
     """
     if config.train.batch_size > len(images):
         raise ValueError(f"train.batch_size {config.train.batch_size} is larger than the "
@@ -186,13 +218,14 @@ def train_gan(config: Config, images: np.ndarray, verbose: int | None = None,
     keras.utils.set_random_seed(config.seed)
     gan = build_gan(config, tuple(images.shape[1:]))
     outputs = EpochOutputs(config, paths.HISTORY, paths.PROGRESS_GRIDS, paths.CHECKPOINT)
-    callbacks = [outputs, MlflowEpochMetrics(outputs)] if track else [outputs]
+    fid = FidTracking(config, classifier, images, paths.FID_HISTORY, paths.GENERATOR_BEST, track)
+    callbacks = [outputs, fid, MlflowEpochMetrics(outputs)] if track else [outputs, fid]
     if verbose is None:
         # A live progress bar on a terminal; one line per epoch in logs, where a bar is noise.
         verbose = 1 if sys.stdout.isatty() else 2
     gan.fit(images, batch_size=config.train.batch_size, epochs=config.train.epochs, shuffle=True,
             callbacks=callbacks, verbose=verbose)
-    return gan, pd.DataFrame(outputs.rows)
+    return gan, pd.DataFrame(outputs.rows), pd.DataFrame(fid.rows)
 
 
 def save_models(gan: DCGAN) -> None:
@@ -217,25 +250,32 @@ class _KerasFlavor:
         mlflow.keras.save_model(path=path, **kwargs)
 
 
-def log_generator(generator: keras.Model, latent_dim: int, seed: int) -> None:
+def log_generator(generator: keras.Model, name: str, latent_dim: int, seed: int) -> None:
     """Logs the generator to the active MLflow run as a Keras model with signature and input example."""
     from mlflow.models import Model, infer_signature
 
     example = fixed_noise(seed, 2, latent_dim)
     signature = infer_signature(example, generate(generator, example))
-    Model.log(artifact_path=None, name="generator", flavor=_KerasFlavor, model=generator,
+    Model.log(artifact_path=None, name=name, flavor=_KerasFlavor, model=generator,
               signature=signature, input_example=example,
               pip_requirements=[f"keras=={keras.__version__}", "tensorflow"])
 
 
-def train_and_log(config: Config, train_images: np.ndarray, manifest: dict) -> pd.DataFrame:
+def train_and_log(config: Config, train_images: np.ndarray, classifier: keras.Model, manifest: dict) -> pd.DataFrame:
     """Returns the history of a full training run, with every output written and tracked in a new MLflow run."""
     with tracking.start_run(config, manifest, paths.MLFLOW_RUN):
-        gan, history = train_gan(config, train_images, track=True)
+        gan, history, fid_history = train_gan(config, train_images, classifier, track=True)
         save_models(gan)
-        final = history.iloc[-1].drop("epoch").to_dict()
-        write_json(paths.TRAIN_METRICS, {"epochs": int(history["epoch"].iloc[-1]), **final})
+        best = fid_history.loc[fid_history["fid"].idxmin()]
+        summary = {"epochs": int(history["epoch"].iloc[-1]), **history.iloc[-1].drop("epoch").to_dict(),
+                   "best_epoch": int(best["epoch"]), "best_fid": float(best["fid"]),
+                   "last_fid": float(fid_history["fid"].iloc[-1])}
+        write_json(paths.TRAIN_METRICS, summary)
+        tracking.log_metrics({k: summary[k] for k in ("best_epoch", "best_fid", "last_fid")})
         mlflow.log_artifact(str(paths.HISTORY), artifact_path="train")
+        mlflow.log_artifact(str(paths.FID_HISTORY), artifact_path="train")
         mlflow.log_artifacts(str(paths.PROGRESS_GRIDS), artifact_path="train/grids")
-        log_generator(gan.generator, config.train.latent_dim, config.seed)
+        log_generator(gan.generator, "generator", config.train.latent_dim, config.seed)
+        best_generator = load_model(paths.GENERATOR_BEST)
+        log_generator(best_generator, "generator_best", config.train.latent_dim, config.seed)
     return history

@@ -1,30 +1,33 @@
-"""Stage evaluate: metrics/eval.json from a classifier trained on the real training split."""
+"""Stage evaluate: metrics/eval.json and the one-page report, for the generator params.yaml chooses."""
+
+import json
 
 import mlflow
+import pandas as pd
 
 from pipeline.cli import run_stage
 from pipeline import paths, tracking
 from pipeline.config import load_config
 from pipeline.data import load_split
-from pipeline.evaluate import evaluate_generator, train_classifier
-from pipeline.files import atomic_path, write_json
-from pipeline.sample import load_generator
+from pipeline.evaluate import evaluate_report
+from pipeline.files import write_json
+from pipeline.models import load_model
 
 
 def main() -> None:
     config = load_config()
     train, holdout = load_split(paths.TRAIN_SPLIT), load_split(paths.HOLDOUT_SPLIT)
-    generator = load_generator(paths.GENERATOR)
-    classifier, accuracy = train_classifier(config, train, holdout)
-    with atomic_path(paths.CLASSIFIER) as tmp:
-        classifier.save(tmp)
-    results = {"classifier_holdout_accuracy": accuracy,
-               **evaluate_generator(config, generator, classifier, train[0])}
+    generators = {choice: load_model(paths.generator_path(choice)) for choice in ("best", "last")}
+    classifier = load_model(paths.CLASSIFIER)
+    results = evaluate_report(config, generators, classifier, train, holdout,
+                              fid_history=pd.read_csv(paths.FID_HISTORY), report_path=paths.REPORT)
+    results["classifier_holdout_accuracy"] = json.loads(paths.CLASSIFIER_METRICS.read_text())["holdout_accuracy"]
     write_json(paths.EVAL_METRICS, results)
     with tracking.resume_run(paths.MLFLOW_RUN):
         tracking.log_metrics(results)
         mlflow.set_tags(tracking.dvc_stage_tags())
         mlflow.log_artifact(str(paths.EVAL_METRICS), artifact_path="metrics")
+        mlflow.log_artifact(str(paths.REPORT), artifact_path="report")
 
 
 if __name__ == "__main__":

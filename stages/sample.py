@@ -5,12 +5,13 @@ import mlflow
 from pipeline.cli import run_stage
 from pipeline import paths, tracking
 from pipeline.config import load_config
-from pipeline.sample import load_generator, write_samples
+from pipeline.models import load_model
+from pipeline.sample import write_samples
 
 
 def main() -> None:
     config = load_config()
-    generator = load_generator(paths.GENERATOR)
+    generator = load_model(paths.generator_path(config.generator))
     with tracking.resume_run(paths.MLFLOW_RUN):
         write_samples(generator, config, paths.SAMPLES_NPZ, paths.SAMPLES_GRID, paths.SAMPLES_INTERPOLATION)
         for path in (paths.SAMPLES_GRID, paths.SAMPLES_INTERPOLATION):

@@ -19,9 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = {
     "data": {"limit": 256},
     "model": {"generator_filters": [16, 8], "discriminator_filters": [8, 16]},
-    "train": {"epochs": 1, "batch_size": 32, "sample_every": 1, "checkpoint_every": 1, "grid_size": 4},
+    "classifier": {"epochs": 1},
+    "train": {"epochs": 1, "batch_size": 32, "sample_every": 1, "checkpoint_every": 1, "grid_size": 4,
+              "eval_every": 1, "eval_samples": 100},
     "sample": {"count": 32, "grid_size": 4, "interpolation_steps": 4},
-    "evaluate": {"num_samples": 100, "classifier_epochs": 1, "inception_splits": 2},
+    "evaluate": {"num_samples": 100, "inception_splits": 2, "kid_subsets": 5, "kid_subset_size": 50},
 }
 
 

@@ -50,7 +50,10 @@ BAD_PARAMS = [
     ({"sample": {"count": 0}}, "sample.count: 0 is out of range; allowed values: >= 1"),
     ({"evaluate": {"num_samples": "all"}}, "evaluate.num_samples: expected an integer, got 'all' (str)"),
     ({"seed": -1}, "seed: -1 is out of range; allowed values: >= 0"),
-    ({"extra": 1}, "extra: unknown key; allowed keys in params.yaml: seed, data, model"),
+    ({"extra": 1}, "extra: unknown key; allowed keys in params.yaml: seed, generator, data, model"),
+    ({"generator": "first"}, "generator: 'first' is not supported; allowed values: best, last"),
+    ({"classifier": {"lr": -0.1}}, "classifier.lr: -0.1 is out of range; allowed values: > 0.0 and <= 1.0"),
+    ({"evaluate": {"precision_recall_k": 0}}, "evaluate.precision_recall_k: 0 is out of range; allowed values: >= 1"),
 ]
 
 

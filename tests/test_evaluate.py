@@ -1,45 +1,72 @@
 """evaluate: a classifier on real digits scores real data near its floor and an untrained generator far."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from pipeline.evaluate import evaluate_generator, train_classifier
+from conftest import TINY_OVERRIDES, _mnist, default_params, merge
+from pipeline.config import config_from_dict
+from pipeline.data import scale_images
+from pipeline.evaluate import evaluate_generator, evaluate_report, feature_extractor, train_classifier
 from pipeline.models import build_generator
 
 
 @pytest.fixture(scope="module")
-def classifier_and_data(request):
-    from conftest import TINY_OVERRIDES, default_params, merge, _mnist
-    from pipeline.config import config_from_dict
-    from pipeline.data import scale_images
-
-    config = config_from_dict(merge(default_params(), merge(TINY_OVERRIDES, {"evaluate": {"classifier_epochs": 2}})))
+def setup():
+    """A config, a classifier trained on 2,000 real digits, its accuracy, and (train, holdout) splits."""
+    config = config_from_dict(merge(default_params(), merge(TINY_OVERRIDES, {"classifier": {"epochs": 2}})))
     images, labels = _mnist()
     x, y = scale_images(images), labels.astype(np.int32)
     idx = np.random.default_rng(0).permutation(len(x))
-    train, holdout = idx[:2000], idx[2000:2500]
-    classifier, accuracy = train_classifier(config, (x[train], y[train]), (x[holdout], y[holdout]))
-    return config, classifier, accuracy, x[train]
+    train, holdout = (x[idx[:2000]], y[idx[:2000]]), (x[idx[2000:2500]], y[idx[2000:2500]])
+    classifier, accuracy = train_classifier(config, train, holdout)
+    return config, classifier, accuracy, train, holdout
 
 
-def test_classifier_learns_real_digits(classifier_and_data):
-    _, _, accuracy, _ = classifier_and_data
+@pytest.fixture(scope="module")
+def untrained_result(setup):
+    config, classifier, _, train, holdout = setup
+    generator = build_generator(config.model, config.train.latent_dim, (28, 28, 1))
+    return evaluate_generator(config, generator, feature_extractor(classifier), train, holdout)
+
+
+def test_classifier_learns_real_digits(setup):
+    _, _, accuracy, _, _ = setup
     assert accuracy > 0.85
 
 
-def test_untrained_generator_scores_far_worse_than_the_real_floor(classifier_and_data):
-    config, classifier, _, train_images = classifier_and_data
-    generator = build_generator(config.model, config.train.latent_dim, (28, 28, 1))
-    result = evaluate_generator(config, generator, classifier, train_images)
-    assert result["num_samples"] == config.evaluate.num_samples
-    assert result["fid_real_floor"] < result["fid_untrained"] / 5
-    assert result["fid"] > 5 * result["fid_real_floor"]  # this generator is untrained too
-    assert sum(result[f"class_count_{c}"] for c in range(10)) == result["num_samples"]
-    assert 1 <= result["classes_covered"] <= 10
+def test_untrained_generator_scores_far_worse_than_the_real_floor(untrained_result):
+    result = untrained_result
+    assert result["num_samples"] == TINY_OVERRIDES["evaluate"]["num_samples"]
+    assert result["real_floor_fid"] < result["fid_untrained"] / 5
+    assert result["fid"] > 5 * result["real_floor_fid"]  # this generator is untrained too
+    assert result["kid"] > result["real_floor_kid"]
+    assert result["real_floor_precision"] > result["precision"]
+    assert result["real_floor_coverage"] > result["coverage"]
 
 
-def test_evaluation_repeats_exactly_for_the_same_seed(classifier_and_data):
-    config, classifier, _, train_images = classifier_and_data
+def test_class_counts_add_up_and_modes_count_classes(untrained_result):
+    assert sum(untrained_result[f"class_count_{c}"] for c in range(10)) == untrained_result["num_samples"]
+    assert 1 <= untrained_result["modes"] <= 10 and untrained_result["class_kl"] >= 0
+
+
+def test_evaluation_repeats_exactly_for_the_same_seed(setup, untrained_result):
+    config, classifier, _, train, holdout = setup
     generator = build_generator(config.model, config.train.latent_dim, (28, 28, 1))
-    first = evaluate_generator(config, generator, classifier, train_images)
-    assert evaluate_generator(config, generator, classifier, train_images) == first
+    again = evaluate_generator(config, generator, feature_extractor(classifier), train, holdout)
+    assert again.keys() == untrained_result.keys()
+    # A fresh untrained generator has other weights, but every real-side reference is identical.
+    for key in ("real_floor_fid", "real_floor_kid", "real_floor_precision", "inception_score_real"):
+        assert again[key] == untrained_result[key]
+
+
+def test_report_states_best_and_last_and_draws_the_picture(setup, tmp_path):
+    config, classifier, _, train, holdout = setup
+    generators = {name: build_generator(config.model, config.train.latent_dim, (28, 28, 1)) for name in ("best", "last")}
+    history = pd.DataFrame({"epoch": [5, 10, 15], "fid": [30.0, 12.0, 20.0], "kid": [0.3, 0.1, 0.2]})
+    report = tmp_path / "report.png"
+    result = evaluate_report(config, generators, classifier, train, holdout, history, report)
+    assert result["best_epoch"] == 10 and result["train_best_fid"] == 12.0
+    assert result["last_epoch"] == 15 and result["train_last_fid"] == 20.0
+    assert result["fid_best"] == result["fid"] and np.isfinite(result["fid_last"])
+    assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

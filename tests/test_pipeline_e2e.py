@@ -14,7 +14,7 @@ import yaml
 
 from conftest import ROOT, TINY_OVERRIDES, closed_port_url, default_params, merge
 
-STAGES = ("download", "normalize", "train", "sample", "evaluate")
+STAGES = ("download", "normalize", "classifier", "train", "sample", "evaluate")
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -58,9 +58,11 @@ def test_every_declared_output_exists(project):
     root, *_ = project
     for path in ("data/raw/mnist/manifest.json", "data/processed/train.npz", "data/processed/holdout.npz",
                  "data/processed/stats.csv", "models/generator.keras", "models/discriminator.keras",
-                 "models/checkpoints/checkpoint.npz", "models/classifier.keras", "models/mlflow_run.json",
-                 "reports/train/history.csv", "reports/train/grids/epoch_0001.png", "samples/grid.png",
-                 "samples/interpolation.png", "metrics/train.json", "metrics/eval.json", "dvc.lock"):
+                 "models/generator_best.keras", "models/checkpoints/checkpoint.npz", "models/classifier.keras",
+                 "models/mlflow_run.json", "reports/train/history.csv", "reports/train/fid.csv",
+                 "reports/train/grids/epoch_0001.png", "samples/grid.png", "samples/interpolation.png",
+                 "reports/eval/report.png", "metrics/classifier.json", "metrics/train.json", "metrics/eval.json",
+                 "dvc.lock"):
         assert (root / path).is_file(), path
 
 
@@ -74,10 +76,13 @@ def test_samples_are_uint8_nhwc(project):
 def test_eval_metrics_are_real_numbers(project):
     root, *_ = project
     metrics = json.loads((root / "metrics/eval.json").read_text())
-    for key in ("fid", "fid_real_floor", "fid_untrained", "inception_score", "classifier_holdout_accuracy",
-                "classes_covered"):
+    for key in ("fid", "real_floor_fid", "fid_untrained", "kid", "kid_std", "real_floor_kid", "precision",
+                "recall", "density", "coverage", "inception_score", "inception_score_std",
+                "classifier_holdout_accuracy", "modes", "class_kl", "memorization_distance_ratio",
+                "memorization_train_closer_fraction", "fid_best", "fid_last", "best_epoch", "last_epoch"):
         assert np.isfinite(metrics[key]), key
-    assert metrics["fid_real_floor"] < metrics["fid_untrained"]
+    assert metrics["real_floor_fid"] < metrics["fid_untrained"]
+    assert all(isinstance(v, (int, float)) for v in metrics.values())  # flat, for dvc metrics diff
     manifest = json.loads((root / "data/raw/mnist/manifest.json").read_text())
     assert manifest["offline_fallback"] is True and manifest["images"] == 5000
 
@@ -95,12 +100,15 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
     assert run.data.params["train.epochs"] == "1" and run.data.params["train.lr"] == "0.0002"
     assert run.data.params["model.generator_filters"] == "[16, 8]"
     for key in ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "d_real", "d_fake", "fid", "inception_score",
-                "classifier_holdout_accuracy", "classes_covered"):
+                "classifier_holdout_accuracy", "modes", "kid", "precision", "recall", "coverage", "train_fid",
+                "best_epoch"):
         assert key in run.data.metrics, key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [1]
     artifacts = {a.path for folder in ("train", "samples", "metrics")
                  for a in client.list_artifacts(run.info.run_id, folder)}
-    assert {"train/history.csv", "samples/grid.png", "samples/interpolation.png", "metrics/eval.json"} <= artifacts
+    artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"train/history.csv", "train/fid.csv", "samples/grid.png", "samples/interpolation.png",
+            "metrics/eval.json", "report/report.png"} <= artifacts
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     tags = run.data.tags
     assert tags["git.commit"] == head
@@ -110,7 +118,8 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
     assert tags["data.sha256"] == manifest["sha256"] and tags["data.source"] == manifest["source"]
     assert any(key.startswith("dvc.train.models/generator.keras") for key in tags)
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
-    assert [m.name for m in models] == ["generator"] and models[0].source_run_id == run.info.run_id
+    assert sorted(m.name for m in models) == ["generator", "generator_best"]
+    assert {m.source_run_id for m in models} == {run.info.run_id}
 
 
 def test_rerun_skips_every_stage(project):

@@ -8,15 +8,22 @@ from pipeline import paths
 from pipeline.train import METRIC_NAMES, build_gan, load_checkpoint, train_gan
 
 
+@pytest.fixture(scope="module")
+def classifier():
+    from pipeline.models import build_classifier
+
+    return build_classifier((28, 28, 1), 10)  # untrained: FID needs features, not good ones
+
+
 @pytest.fixture
-def trained(tiny_config, scaled_digits, tmp_path, monkeypatch):
+def trained(tiny_config, scaled_digits, classifier, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     images, _ = scaled_digits
-    return train_gan(tiny_config, images[:256], verbose=0)
+    return train_gan(tiny_config, images[:256], classifier, verbose=0)
 
 
 def test_history_has_every_metric_per_epoch(trained, tmp_path):
-    _, history = trained
+    _, history, _ = trained
     assert list(history.columns) == ["epoch", *METRIC_NAMES, "seconds"]
     assert history["epoch"].tolist() == [1]
     on_disk = pd.read_csv(tmp_path / paths.HISTORY)
@@ -33,7 +40,7 @@ def test_sample_grid_and_checkpoint_are_written(trained, tmp_path):
 
 
 def test_checkpoint_restores_both_models_and_optimizers(trained, tiny_config, tmp_path):
-    gan, _ = trained
+    gan, _, _ = trained
     fresh = build_gan(tiny_config, (28, 28, 1))
     fresh.d_optimizer.build(fresh.discriminator.trainable_variables)
     fresh.g_optimizer.build(fresh.generator.trainable_variables)
@@ -44,8 +51,34 @@ def test_checkpoint_restores_both_models_and_optimizers(trained, tiny_config, tm
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_batch_larger_than_dataset_is_refused_before_training(tiny_config, scaled_digits, tmp_path, monkeypatch):
+def test_fid_schedule_is_written_and_the_best_generator_kept(trained, tmp_path):
+    _, _, fid_history = trained
+    assert list(fid_history.columns) == ["epoch", "fid", "kid"]
+    assert fid_history["epoch"].tolist() == [1] and np.isfinite(fid_history["fid"]).all()
+    assert pd.read_csv(tmp_path / paths.FID_HISTORY)["epoch"].tolist() == [1]
+    assert (tmp_path / paths.GENERATOR_BEST).exists()
+
+
+def test_best_generator_is_the_epoch_with_the_lowest_fid(tiny_params, scaled_digits, classifier, tmp_path,
+                                                         monkeypatch):
+    from conftest import merge
+    from pipeline.config import config_from_dict
+    from pipeline.models import fixed_noise, generate, load_model
+
+    monkeypatch.chdir(tmp_path)
+    config = config_from_dict(merge(tiny_params, {"train": {"epochs": 3}}))
+    gan, _, fid_history = train_gan(config, scaled_digits[0][:256], classifier, verbose=0)
+    best_epoch = int(fid_history.loc[fid_history["fid"].idxmin(), "epoch"])
+    noise = fixed_noise(0, 4, config.train.latent_dim)
+    best = generate(load_model(tmp_path / paths.GENERATOR_BEST), noise)
+    last = generate(gan.generator, noise)
+    assert fid_history["epoch"].tolist() == [1, 2, 3]
+    assert np.array_equal(best, last) == (best_epoch == 3)
+
+
+def test_batch_larger_than_dataset_is_refused_before_training(tiny_config, scaled_digits, classifier, tmp_path,
+                                                               monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="train.batch_size 32 is larger than the 10 training images"):
-        train_gan(tiny_config, scaled_digits[0][:10], verbose=0)
+        train_gan(tiny_config, scaled_digits[0][:10], classifier, verbose=0)
     assert not (tmp_path / "models").exists()
