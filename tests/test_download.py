@@ -26,12 +26,12 @@ def served_mnist(http_root, mnist_digits, monkeypatch):
     np.savez(folder / "mnist.npz", x_train=images[:300], y_train=labels[:300],
              x_test=images[300:400], y_test=labels[300:400])
     sha = hashlib.sha256((folder / "mnist.npz").read_bytes()).hexdigest()
-    monkeypatch.setitem(data.SOURCES, "mnist", data.Source(url="unused", sha256=sha, filename="mnist.npz"))
+    monkeypatch.setitem(data.SOURCES, "mnist", (data.Source(url="unused", sha256=sha, filename="mnist.npz"),))
     return folder, url
 
 
 def test_official_mnist_source_is_pinned_to_the_keras_mirror():
-    source = data.SOURCES["mnist"]
+    (source,) = data.SOURCES["mnist"]
     assert source.url == "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
     assert source.sha256 == OFFICIAL_SHA256
 
@@ -50,7 +50,7 @@ def test_good_file_is_kept_with_a_manifest(served_mnist, tmp_path):
 
 def test_corrupt_file_fails_naming_both_hashes_and_leaves_nothing(served_mnist, tmp_path):
     folder, url = served_mnist
-    expected = data.SOURCES["mnist"].sha256
+    expected = data.SOURCES["mnist"][0].sha256
     corrupt = bytearray((folder / "mnist.npz").read_bytes())
     corrupt[100] ^= 0xFF
     (folder / "mnist.npz").write_bytes(bytes(corrupt))
@@ -64,7 +64,7 @@ def test_corrupt_file_fails_naming_both_hashes_and_leaves_nothing(served_mnist, 
 
 def test_checksum_mismatch_never_falls_back(served_mnist, tmp_path, monkeypatch):
     _, url = served_mnist
-    monkeypatch.setitem(data.SOURCES, "mnist", data.Source("unused", "0" * 64, "mnist.npz"))
+    monkeypatch.setitem(data.SOURCES, "mnist", (data.Source("unused", "0" * 64, "mnist.npz"),))
     with pytest.raises(data.ChecksumError):
         data.download_dataset(data_config(url, offline_fallback=True), tmp_path / "raw")
     assert not (tmp_path / "raw" / data.FALLBACK_FILENAME).exists()
