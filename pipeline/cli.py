@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from pipeline.errors import PipelineError
+
 # Before any TensorFlow import: keep its C++ start-up chatter out of the stage logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -14,13 +16,10 @@ log = logging.getLogger("pipeline")
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Runs a stage's main(), turning bad params or data into one clear error line and exit status 1."""
-    from pipeline.config import ConfigError
-    from pipeline.data import DataError
-
+    """Runs a stage's main(), turning a PipelineError into one clear error line and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except (ConfigError, DataError) as e:
+    except PipelineError as e:
         log.error("%s", e)
         sys.exit(1)

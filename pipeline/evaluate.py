@@ -12,12 +12,12 @@ import pandas as pd
 
 from pipeline import metrics
 from pipeline.config import Config
-from pipeline.models import build_classifier, build_generator, fixed_noise, generate
+from pipeline.models import (NUM_CLASSES, balanced_labels, build_classifier, build_generator, fixed_noise,
+                             generate, is_conditional)
 from pipeline.report import draw_report
 
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
 # Evaluation noise has seeds of its own, apart from the sample stage's and the training grids'.
 EVAL_NOISE_OFFSET = 2
 TRAIN_EVAL_NOISE_OFFSET = 3
@@ -28,7 +28,7 @@ def train_classifier(config: Config, train: tuple[np.ndarray, np.ndarray],
                      holdout: tuple[np.ndarray, np.ndarray]) -> tuple[keras.Model, float]:
     """Returns the classifier trained on the real training split and its holdout accuracy."""
     keras.utils.set_random_seed(config.seed)
-    model = build_classifier(train[0].shape[1:], NUM_CLASSES)
+    model = build_classifier(config.classifier, train[0].shape[1:])
     model.compile(optimizer=keras.optimizers.Adam(config.classifier.lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
@@ -112,10 +112,19 @@ def evaluate_generator(config: Config, generator: keras.Model, extractor: keras.
         **metrics.memorization(flat(fake_images), flat(train_images), flat(holdout[0])),
     }
     result["fid_untrained_ratio"] = result["fid_untrained"] / max(result["fid"], 1e-12)
+    if is_conditional(generator):
+        result.update(conditional_accuracy(fake_probs, balanced_labels(n)))
     for name, other in (others or {}).items():
         result[f"fid_{name}"] = metrics.fid(embed(extractor, generate(other, noise))[0], features_a)
     result.update({f"class_count_{c}": int(k) for c, k in enumerate(histogram)})
     return result
+
+
+def conditional_accuracy(probs: np.ndarray, wanted: np.ndarray) -> dict[str, float]:
+    """Returns how often a sample asked for class c is classified as c, overall and per class."""
+    hits = np.argmax(probs, axis=1) == wanted
+    per_class = {f"conditional_accuracy_{c}": float(hits[wanted == c].mean()) for c in range(NUM_CLASSES)}
+    return {"conditional_accuracy": float(hits.mean()), **per_class}
 
 
 def flat(images: np.ndarray) -> np.ndarray:

@@ -1,70 +1,127 @@
-"""The DCGAN's generator and discriminator, shaped by the data rather than hard-coded to 28x28."""
+"""The GANs' generators and discriminators, shaped by the data rather than hard-coded to 28x28.
+
+Three architectures (`model.arch`): the seeds' DCGAN, the classic fully-connected GAN of the
+Keras examples, and a class-conditional DCGAN whose models take a class label as a second input.
+"""
 
 from __future__ import annotations
 
-import keras
-import numpy as np
+import math
 from pathlib import Path
 
+import keras
+import numpy as np
 from keras import layers
 
-from pipeline.config import ModelConfig
+from pipeline.config import ClassifierConfig, ModelConfig
 
-# The generator doubles the resolution twice (7 -> 14 -> 28 for MNIST), as the TF tutorial does.
+# The generator doubles the resolution twice (7 -> 14 -> 28 for MNIST, 8 -> 16 -> 32 for CIFAR-10).
 UPSAMPLINGS = 2
+# Every supported dataset has ten classes.
+NUM_CLASSES = 10
 
 
 def build_generator(config: ModelConfig, latent_dim: int, image_shape: tuple[int, int, int]) -> keras.Model:
-    """Returns the generator: Dense -> reshape -> Conv2DTranspose + BatchNorm + LeakyReLU ... -> tanh."""
+    """Returns the generator of `config.arch`: noise (and, for cdcgan, a class label) -> tanh image."""
+    noise = keras.Input(shape=(latent_dim,), name="noise")
+    if config.arch == "mlp":
+        return keras.Model(noise, _mlp_generator(noise, config, image_shape), name="generator")
+    if config.arch == "cdcgan":
+        label = keras.Input(shape=(1,), dtype="int32", name="label")
+        embedded = layers.Flatten()(layers.Embedding(NUM_CLASSES, config.label_embedding)(label))
+        joined = layers.Concatenate()([noise, embedded])
+        return keras.Model([noise, label], _dcgan_generator(joined, config, image_shape), name="generator")
+    return keras.Model(noise, _dcgan_generator(noise, config, image_shape), name="generator")
+
+
+def build_discriminator(config: ModelConfig, image_shape: tuple[int, int, int]) -> keras.Model:
+    """Returns the discriminator of `config.arch`: image (and, for cdcgan, a class label) -> one logit."""
+    image = keras.Input(shape=image_shape, name="image")
+    if config.arch == "mlp":
+        return keras.Model(image, _mlp_discriminator(image, config), name="discriminator")
+    if config.arch == "cdcgan":
+        label = keras.Input(shape=(1,), dtype="int32", name="label")
+        height, width, _ = image_shape
+        # The label as one extra image channel, so the first convolution already sees it.
+        plane = layers.Embedding(NUM_CLASSES, height * width)(label)
+        plane = layers.Reshape((height, width, 1))(plane)
+        joined = layers.Concatenate()([image, plane])
+        return keras.Model([image, label], _dcgan_discriminator(joined, config), name="discriminator")
+    return keras.Model(image, _dcgan_discriminator(image, config), name="discriminator")
+
+
+def _dcgan_generator(x, config: ModelConfig, image_shape: tuple[int, int, int]):
     height, width, channels = image_shape
     scale = 2**UPSAMPLINGS
     if height % scale or width % scale:
         raise ValueError(f"image size {height}x{width} must be divisible by {scale} for the generator")
     dense_filters, *conv_filters = config.generator_filters
-    model = keras.Sequential(name="generator")
-    model.add(keras.Input(shape=(latent_dim,)))
     # Biases before BatchNorm are cancelled by its mean subtraction, so none (TF tutorial).
-    model.add(layers.Dense((height // scale) * (width // scale) * dense_filters, use_bias=False))
-    model.add(layers.BatchNormalization())
-    model.add(layers.LeakyReLU(negative_slope=config.leaky_relu_slope))
-    model.add(layers.Reshape((height // scale, width // scale, dense_filters)))
+    x = layers.Dense((height // scale) * (width // scale) * dense_filters, use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
+    x = layers.Reshape((height // scale, width // scale, dense_filters))(x)
     for i, filters in enumerate(conv_filters):
         # Only the last hidden layer and the output layer upsample; earlier ones refine at low resolution.
         stride = 2 if i == len(conv_filters) - 1 else 1
-        model.add(layers.Conv2DTranspose(filters, config.kernel_size, strides=stride, padding="same",
-                                         use_bias=False))
-        model.add(layers.BatchNormalization())
-        model.add(layers.LeakyReLU(negative_slope=config.leaky_relu_slope))
-    model.add(layers.Conv2DTranspose(channels, config.kernel_size, strides=2, padding="same",
-                                     activation="tanh"))
-    return model
+        x = layers.Conv2DTranspose(filters, config.kernel_size, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
+    return layers.Conv2DTranspose(channels, config.kernel_size, strides=2, padding="same", activation="tanh")(x)
 
 
-def build_discriminator(config: ModelConfig, image_shape: tuple[int, int, int]) -> keras.Model:
-    """Returns the discriminator: strided Conv2D + LeakyReLU + Dropout ... -> one logit."""
-    model = keras.Sequential(name="discriminator")
-    model.add(keras.Input(shape=image_shape))
+def _dcgan_discriminator(x, config: ModelConfig):
     for filters in config.discriminator_filters:
-        model.add(layers.Conv2D(filters, config.kernel_size, strides=2, padding="same"))
-        model.add(layers.LeakyReLU(negative_slope=config.leaky_relu_slope))
-        model.add(layers.Dropout(config.dropout))
-    model.add(layers.Flatten())
-    model.add(layers.Dense(1))  # a logit: the loss applies the sigmoid, which is more stable
-    return model
+        x = layers.Conv2D(filters, config.kernel_size, strides=2, padding="same")(x)
+        x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
+        x = layers.Dropout(config.dropout)(x)
+    return layers.Dense(1)(layers.Flatten()(x))  # a logit: the loss applies the sigmoid, more stably
 
 
-def build_classifier(image_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """Returns the evaluator's digit classifier; its 'features' layer feeds FID."""
-    inputs = keras.Input(shape=image_shape)
-    x = layers.Conv2D(32, 3, padding="same", activation="relu")(inputs)
-    x = layers.MaxPooling2D()(x)
-    x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
-    x = layers.MaxPooling2D()(x)
+def _mlp_generator(x, config: ModelConfig, image_shape: tuple[int, int, int]):
+    for units in config.mlp_generator_units:
+        x = layers.Dense(units)(x)
+        x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
+        x = layers.BatchNormalization(momentum=config.mlp_batchnorm_momentum)(x)
+    x = layers.Dense(math.prod(image_shape), activation="tanh")(x)
+    return layers.Reshape(image_shape)(x)
+
+
+def _mlp_discriminator(x, config: ModelConfig):
     x = layers.Flatten()(x)
-    features = layers.Dense(128, activation="relu", name="features")(x)
+    for units in config.mlp_discriminator_units:
+        x = layers.Dense(units)(x)
+        x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
+    return layers.Dense(1)(x)
+
+
+def build_classifier(config: ClassifierConfig, image_shape: tuple[int, int, int]) -> keras.Model:
+    """Returns the evaluator's classifier; its 'features' layer feeds FID and the other metrics."""
+    inputs = keras.Input(shape=image_shape)
+    x = inputs
+    for filters in config.filters:
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    features = layers.Dense(config.features, activation="relu", name="features")(x)
     x = layers.Dropout(0.3)(features)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    logits = layers.Dense(NUM_CLASSES, name="logits")(x)
     return keras.Model(inputs, logits, name="classifier")
+
+
+def is_conditional(model: keras.Model) -> bool:
+    """Returns whether the model takes a class label beside its image or noise input."""
+    return len(model.inputs) == 2
+
+
+def latent_dim_of(generator: keras.Model) -> int:
+    """Returns the width of the generator's noise input."""
+    return int(generator.inputs[0].shape[-1])
+
+
+def balanced_labels(count: int) -> np.ndarray:
+    """Returns `count` class labels cycling 0..9, the same share of every class."""
+    return (np.arange(count) % NUM_CLASSES).astype(np.int32)
 
 
 def fixed_noise(seed: int, count: int, latent_dim: int) -> np.ndarray:
@@ -72,10 +129,21 @@ def fixed_noise(seed: int, count: int, latent_dim: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, latent_dim)).astype(np.float32)
 
 
-def generate(generator: keras.Model, noise: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Returns the generator's images in [-1, 1] for `noise`, in inference mode."""
-    return np.concatenate([np.asarray(generator.predict_on_batch(noise[i:i + batch_size]))
-                           for i in range(0, len(noise), batch_size)])
+def generate(generator: keras.Model, noise: np.ndarray, labels: np.ndarray | None = None,
+             batch_size: int = 500) -> np.ndarray:
+    """Returns the generator's images in [-1, 1] for `noise`, in inference mode.
+
+    A conditional generator gets `labels`, or balanced labels when none are given.
+    """
+    if is_conditional(generator) and labels is None:
+        labels = balanced_labels(len(noise))
+    out = []
+    for i in range(0, len(noise), batch_size):
+        inputs = noise[i:i + batch_size]
+        if is_conditional(generator):
+            inputs = [inputs, labels[i:i + batch_size, None]]
+        out.append(np.asarray(generator.predict_on_batch(inputs)))
+    return np.concatenate(out)
 
 
 def load_model(path: Path) -> keras.Model:

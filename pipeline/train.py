@@ -1,8 +1,9 @@
-"""Adversarial training: the DCGAN as a keras.Model with its own train_step, checkpoints and history."""
+"""Adversarial training: the GAN as a keras.Model with its own train_step, checkpoints and history."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,25 +15,39 @@ import pandas as pd
 from keras import ops
 
 from pipeline import metrics, paths, tracking
-from pipeline.config import Config
+from pipeline.checkpoint import TrainState, read_state, restore_checkpoint, save_checkpoint, training_fingerprint
+from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.errors import PipelineError
 from pipeline.evaluate import TRAIN_EVAL_NOISE_OFFSET, embed, feature_extractor
 from pipeline.files import atomic_path, write_json
 from pipeline.images import save_png, tile, to_uint8
-from pipeline.models import build_discriminator, build_generator, fixed_noise, generate, load_model
+from pipeline.models import (NUM_CLASSES, balanced_labels, build_discriminator, build_generator, fixed_noise,
+                             generate, is_conditional, load_model)
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "d_real", "d_fake")
 
 
-class DCGAN(keras.Model):
-    """A generator and a discriminator trained against each other by fit()."""
+class GAN(keras.Model):
+    """A generator and a discriminator trained against each other by fit().
 
-    def __init__(self, generator: keras.Model, discriminator: keras.Model, latent_dim: int, seed: int):
-        super().__init__(name="dcgan")
+    Trains any `model.arch`: a conditional pair gets the real labels from fit's `y` and random
+    labels for its fakes. Options from params: `d_steps` discriminator updates per generator
+    update, one-sided label smoothing, and instance noise on the discriminator's inputs.
+    """
+
+    def __init__(self, generator: keras.Model, discriminator: keras.Model, config: TrainConfig, seed: int):
+        super().__init__(name="gan")
         self.generator = generator
         self.discriminator = discriminator
-        self.latent_dim = latent_dim
+        self.conditional = is_conditional(generator)
+        self.latent_dim = config.latent_dim
+        self.d_steps = config.d_steps
+        self.real_target = 1.0 - config.label_smoothing
+        self.instance_noise = config.instance_noise
+        # Annealed each epoch by InstanceNoiseSchedule; a variable, so the compiled step sees it change.
+        self.noise_std = keras.Variable(config.instance_noise, trainable=False, name="noise_std")
         self.noise_seed = keras.random.SeedGenerator(seed)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
 
@@ -46,20 +61,46 @@ class DCGAN(keras.Model):
     def metrics(self):
         return list(self.trackers.values())
 
+    def _latent(self, batch):
+        noise = keras.random.normal((batch, self.latent_dim), seed=self.noise_seed)
+        if not self.conditional:
+            return noise, None
+        return noise, keras.random.randint((batch, 1), 0, NUM_CLASSES, seed=self.noise_seed)
+
+    def _generate(self, noise, labels, training: bool):
+        return self.generator([noise, labels] if self.conditional else noise, training=training)
+
+    def _judge(self, images, labels):
+        if self.instance_noise:
+            images = images + self.noise_std * keras.random.normal(ops.shape(images), seed=self.noise_seed)
+        return self.discriminator([images, labels] if self.conditional else images, training=True)
+
+    def _d_loss(self, real_logits, fake_logits):
+        real_targets = ops.full_like(real_logits, self.real_target)
+        return self.loss_fn(real_targets, real_logits) + self.loss_fn(ops.zeros_like(fake_logits), fake_logits)
+
     def train_step(self, data):
         import tensorflow as tf  # the gradient step is the one backend-specific piece
 
-        real, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        real, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if self.conditional:
+            labels = ops.reshape(ops.cast(labels, "int32"), (-1, 1))
         batch = ops.shape(real)[0]
-        noise = keras.random.normal((batch, self.latent_dim), seed=self.noise_seed)
+        for _ in range(self.d_steps - 1):  # the extra discriminator-only updates
+            noise, fake_labels = self._latent(batch)
+            fake = self._generate(noise, fake_labels, training=True)
+            with tf.GradientTape() as d_tape:
+                d_loss = self._d_loss(self._judge(real, labels), self._judge(fake, fake_labels))
+            d_grads = d_tape.gradient(d_loss, self.discriminator.trainable_weights)
+            self.d_optimizer.apply_gradients(zip(d_grads, self.discriminator.trainable_weights))
+        noise, fake_labels = self._latent(batch)
         # One generator pass serves both updates, as in the TF tutorial: cheaper than two.
         with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
-            fake = self.generator(noise, training=True)
-            real_logits = self.discriminator(real, training=True)
-            fake_logits = self.discriminator(fake, training=True)
-            ones, zeros = ops.ones_like(real_logits), ops.zeros_like(fake_logits)
-            d_loss = self.loss_fn(ones, real_logits) + self.loss_fn(zeros, fake_logits)
-            g_loss = self.loss_fn(ones, fake_logits)
+            fake = self._generate(noise, fake_labels, training=True)
+            real_logits = self._judge(real, labels)
+            fake_logits = self._judge(fake, fake_labels)
+            d_loss = self._d_loss(real_logits, fake_logits)
+            g_loss = self.loss_fn(ops.ones_like(fake_logits), fake_logits)
         d_grads = d_tape.gradient(d_loss, self.discriminator.trainable_weights)
         g_grads = g_tape.gradient(g_loss, self.generator.trainable_weights)
         self.d_optimizer.apply_gradients(zip(d_grads, self.discriminator.trainable_weights))
@@ -77,48 +118,38 @@ class DCGAN(keras.Model):
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
 
-def build_gan(config: Config, image_shape: tuple[int, int, int]) -> DCGAN:
-    """Returns the compiled DCGAN for `image_shape`, with Adam(lr, beta_1) for each side."""
-    gan = DCGAN(build_generator(config.model, config.train.latent_dim, image_shape),
-                build_discriminator(config.model, image_shape), config.train.latent_dim, config.seed)
+def build_gan(config: Config, image_shape: tuple[int, int, int]) -> GAN:
+    """Returns the compiled GAN of `model.arch` for `image_shape`, with Adam(lr, beta_1) for each side."""
+    gan = GAN(build_generator(config.model, config.train.latent_dim, image_shape),
+              build_discriminator(config.model, image_shape), config.train, config.seed)
     gan.compile(d_optimizer=keras.optimizers.Adam(config.train.lr, beta_1=config.train.beta_1),
                 g_optimizer=keras.optimizers.Adam(config.train.lr, beta_1=config.train.beta_1))
     return gan
 
 
-def save_checkpoint(gan: DCGAN, epoch: int, config: Config, path: Path) -> None:
-    """Writes both models' and both optimizers' variables and the epoch to one npz, atomically."""
-    arrays = {"epoch": np.array(epoch), "config": np.array(repr(config))}
-    for part in ("generator", "discriminator", "g_optimizer", "d_optimizer"):
-        for i, variable in enumerate(getattr(gan, part).variables):
-            arrays[f"{part}/{i}"] = ops.convert_to_numpy(variable)
-    with atomic_path(path) as tmp:
-        np.savez(tmp, **arrays)
+class InstanceNoiseSchedule(keras.callbacks.Callback):
+    """Anneals the instance noise linearly from `train.instance_noise` to 0 over training."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.model.noise_std.assign(self.model.instance_noise * (1.0 - epoch / self.epochs))
 
 
-def load_checkpoint(gan: DCGAN, path: Path) -> int:
-    """Returns the epoch of the checkpoint at `path` after restoring its variables into `gan`."""
-    with np.load(path, allow_pickle=False) as npz:
-        for part in ("generator", "discriminator", "g_optimizer", "d_optimizer"):
-            variables = getattr(gan, part).variables
-            stored = sum(1 for key in npz.files if key.startswith(part + "/"))
-            if stored != len(variables):
-                raise ValueError(f"{path}: {part} has {stored} variables, the model {len(variables)}")
-            for i, variable in enumerate(variables):
-                variable.assign(npz[f"{part}/{i}"])
-        return int(npz["epoch"])
+class TrainingDiverged(PipelineError):
+    """A loss became NaN or infinite: training stopped, the last good checkpoint kept."""
 
 
 class EpochOutputs(keras.callbacks.Callback):
-    """After each epoch: the history CSV; every N epochs a sample grid and a checkpoint."""
+    """After each epoch: a history row and the history CSV; every N epochs a fixed-noise sample grid."""
 
-    def __init__(self, config: Config, history_path: Path, grid_dir: Path, checkpoint_path: Path):
+    def __init__(self, config: Config, rows: list[dict], history_path: Path, grid_dir: Path):
         super().__init__()
-        self.config = config
-        self.history_path, self.grid_dir, self.checkpoint_path = history_path, grid_dir, checkpoint_path
+        self.config, self.rows, self.history_path, self.grid_dir = config, rows, history_path, grid_dir
         side = config.train.grid_size
         self.noise = fixed_noise(config.seed, side * side, config.train.latent_dim)
-        self.rows: list[dict] = []
         self.started = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -131,32 +162,28 @@ class EpochOutputs(keras.callbacks.Callback):
         self.rows.append({"epoch": number, **metrics})
         with atomic_path(self.history_path) as tmp:
             pd.DataFrame(self.rows).to_csv(tmp, index=False)
-        last = number == self.config.train.epochs
-        if number % self.config.train.sample_every == 0 or last:
+        if number % self.config.train.sample_every == 0 or number == self.config.train.epochs:
             images = to_uint8(generate(self.model.generator, self.noise))
             save_png(self.grid_dir / f"epoch_{number:04d}.png", tile(images, self.config.train.grid_size))
-        if number % self.config.train.checkpoint_every == 0 or last:
-            save_checkpoint(self.model, number, self.config, self.checkpoint_path)
 
 
 class FidTracking(keras.callbacks.Callback):
     """Every eval_every epochs and at the last: FID and KID of fixed-noise samples; keeps the best generator.
 
-    DCGAN quality peaks and then degrades, so the generator with the lowest FID so far is saved
+    GAN quality peaks and then degrades, so the generator with the lowest FID so far is saved
     beside the last one.
     """
 
-    def __init__(self, config: Config, classifier: keras.Model, real_images: np.ndarray, history_path: Path,
-                 best_path: Path, track: bool):
+    def __init__(self, config: Config, classifier: keras.Model, real_images: np.ndarray, state: TrainState,
+                 history_path: Path, best_path: Path):
         super().__init__()
-        self.config, self.history_path, self.best_path, self.track = config, history_path, best_path, track
+        self.config, self.state, self.history_path, self.best_path = config, state, history_path, best_path
         self.extractor = feature_extractor(classifier)
         count = min(config.train.eval_samples, len(real_images))
         chosen = np.random.default_rng(config.seed).permutation(len(real_images))[:count]
         self.real_features, _ = embed(self.extractor, real_images[chosen])
         self.noise = fixed_noise(config.seed + TRAIN_EVAL_NOISE_OFFSET, count, config.train.latent_dim)
-        self.rows: list[dict] = []
-        self.best: dict | None = None
+        self.best_weights: list[np.ndarray] | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         number = epoch + 1
@@ -167,29 +194,86 @@ class FidTracking(keras.callbacks.Callback):
         kid, _ = metrics.kid(self.real_features, fake, subsets=e.kid_subsets, subset_size=e.kid_subset_size,
                              seed=self.config.seed)
         row = {"epoch": number, "fid": metrics.fid(fake, self.real_features), "kid": kid}
-        self.rows.append(row)
+        self.state.fid_history.append(row)
         with atomic_path(self.history_path) as tmp:
-            pd.DataFrame(self.rows).to_csv(tmp, index=False)
-        if self.best is None or row["fid"] < self.best["fid"]:
-            self.best = row
+            pd.DataFrame(self.state.fid_history).to_csv(tmp, index=False)
+        if self.state.best is None or row["fid"] < self.state.best["fid"]:
+            self.state.best = row
+            self.best_weights = self.model.generator.get_weights()
             with atomic_path(self.best_path) as tmp:
                 self.model.generator.save(tmp)
         log.info("epoch %d: FID %.3f, KID %.5f (best FID %.3f at epoch %d)", number, row["fid"], kid,
-                 self.best["fid"], self.best["epoch"])
-        if self.track:
-            tracking.log_metrics({"train_fid": row["fid"], "train_kid": kid}, step=number)
+                 self.state.best["fid"], self.state.best["epoch"])
 
 
-class MlflowEpochMetrics(keras.callbacks.Callback):
-    """Logs each epoch's metrics to the active MLflow run, the epoch number as the step."""
+class Checkpointing(keras.callbacks.Callback):
+    """Every checkpoint_every epochs and at the last: a checkpoint, then the epochs' metrics to MLflow.
 
-    def __init__(self, outputs: EpochOutputs):
+    Each epoch's metrics go to MLflow only once a checkpoint covers the epoch, stamped with a time
+    the checkpoint records; a resumed run logs them again with the same stamp, which MLflow's SQL
+    stores keep once, so a crash between checkpoint and logging loses and doubles nothing.
+    """
+
+    def __init__(self, config: Config, state: TrainState, fid: FidTracking, path: Path, track: bool):
         super().__init__()
-        self.outputs = outputs  # runs first and holds the row with the epoch's wall time
+        self.config, self.state, self.fid, self.path, self.track = config, state, fid, path, track
+        self.logged_epoch = 0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        row = dict(self.outputs.rows[-1])
-        tracking.log_metrics(row, step=row.pop("epoch"))
+        number = epoch + 1
+        if number % self.config.train.checkpoint_every and number != self.config.train.epochs:
+            return
+        self.state.epoch = number
+        now = int(time.time() * 1000)
+        for row in self.state.history:
+            self.state.log_times.setdefault(str(row["epoch"]), now)
+        save_checkpoint(self.model, self.state, self.fid.best_weights, self.path)
+        self.flush()
+
+    def flush(self) -> None:
+        """Logs every checkpointed epoch not yet logged by this process to MLflow, with its recorded time."""
+        if not self.track:
+            return
+        fid_rows = {row["epoch"]: row for row in self.state.fid_history}
+        for row in self.state.history:
+            epoch = row["epoch"]
+            if not self.logged_epoch < epoch <= self.state.epoch:
+                continue
+            values = {k: v for k, v in row.items() if k != "epoch"}
+            if epoch in fid_rows:
+                values.update(train_fid=fid_rows[epoch]["fid"], train_kid=fid_rows[epoch]["kid"])
+            tracking.log_metrics(values, step=epoch, timestamp_ms=self.state.log_times[str(epoch)])
+        self.logged_epoch = self.state.epoch
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training at the first NaN or infinite loss; warns when the discriminator wins outright."""
+
+    def __init__(self, config: Config, track: bool):
+        super().__init__()
+        self.config, self.track = config, track
+        self.epoch = 0
+        self.winning_epochs = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        for name in ("d_loss", "g_loss"):
+            value = float(logs[name])
+            if not np.isfinite(value):
+                raise TrainingDiverged(f"{name} became {value} in epoch {self.epoch}, step {batch + 1}; "
+                                       f"training stopped, the last good checkpoint is kept")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        t = self.config.train
+        self.winning_epochs = self.winning_epochs + 1 if logs["d_loss"] < t.d_win_loss else 0
+        if self.winning_epochs == t.d_win_epochs:
+            message = (f"the discriminator wins outright: d_loss below {t.d_win_loss} for {t.d_win_epochs} "
+                       f"epochs up to epoch {epoch + 1}; the generator gets no useful gradient")
+            log.warning("%s", message)
+            if self.track:
+                mlflow.set_tag("warning.discriminator_wins", message)
 
 
 def configure_devices() -> str:
@@ -204,31 +288,55 @@ def configure_devices() -> str:
     return f"GPU x{len(gpus)}" if gpus else "CPU"
 
 
-def train_gan(config: Config, images: np.ndarray, classifier: keras.Model, verbose: int | None = None,
-              track: bool = False) -> tuple[DCGAN, pd.DataFrame, pd.DataFrame]:
-    """Returns the trained DCGAN, its per-epoch history and its FID history.
+def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier: keras.Model,
+              state: TrainState | None = None, verbose: int | None = None,
+              track: bool = False) -> tuple[GAN, pd.DataFrame, pd.DataFrame]:
+    """Returns the trained GAN, its per-epoch history and its FID history.
 
-    On the way it writes grids, checkpoints and the best-FID generator; with `track`, metrics also
-    go to the active MLflow run.
+    Starts from `state` (a checkpoint's) when given. On the way it writes grids, checkpoints and
+    the best-FID generator; with `track`, checkpointed epochs' metrics go to the active MLflow run.
     """
     if config.train.batch_size > len(images):
-        raise ValueError(f"train.batch_size {config.train.batch_size} is larger than the "
-                         f"{len(images)} training images")
+        raise ConfigError(f"train.batch_size: {config.train.batch_size} is larger than the {len(images)} "
+                          f"training images; allowed values: <= {len(images)}")
     log.info("training on %s: %d images of shape %s", configure_devices(), len(images), images.shape[1:])
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed + (state.epoch if state else 0))
     gan = build_gan(config, tuple(images.shape[1:]))
-    outputs = EpochOutputs(config, paths.HISTORY, paths.PROGRESS_GRIDS, paths.CHECKPOINT)
-    fid = FidTracking(config, classifier, images, paths.FID_HISTORY, paths.GENERATOR_BEST, track)
-    callbacks = [outputs, fid, MlflowEpochMetrics(outputs)] if track else [outputs, fid]
+    state = state or TrainState(fingerprint="")
+    if not state.epoch:
+        shutil.rmtree(paths.PROGRESS_GRIDS, ignore_errors=True)  # grids persist for resumes, not fresh runs
+    outputs = EpochOutputs(config, state.history, paths.HISTORY, paths.PROGRESS_GRIDS)
+    fid = FidTracking(config, classifier, images, state, paths.FID_HISTORY, paths.GENERATOR_BEST)
+    if state.epoch:
+        fid.best_weights = restore_checkpoint(gan, paths.CHECKPOINT)
+        restore_outputs(gan, state, fid.best_weights)
+    checkpointing = Checkpointing(config, state, fid, paths.CHECKPOINT, track)
+    callbacks = [outputs, fid, DivergenceGuard(config, track), checkpointing]
+    if config.train.instance_noise:
+        callbacks.append(InstanceNoiseSchedule(config.train.epochs))
     if verbose is None:
         # A live progress bar on a terminal; one line per epoch in logs, where a bar is noise.
         verbose = 1 if sys.stdout.isatty() else 2
-    gan.fit(images, batch_size=config.train.batch_size, epochs=config.train.epochs, shuffle=True,
-            callbacks=callbacks, verbose=verbose)
-    return gan, pd.DataFrame(outputs.rows), pd.DataFrame(fid.rows)
+    gan.fit(images, labels if gan.conditional else None, batch_size=config.train.batch_size, shuffle=True,
+            initial_epoch=state.epoch, epochs=config.train.epochs, callbacks=callbacks, verbose=verbose)
+    checkpointing.flush()  # what a resumed run restored, also when nothing was left to train
+    return gan, pd.DataFrame(state.history), pd.DataFrame(state.fid_history)
 
 
-def save_models(gan: DCGAN) -> None:
+def restore_outputs(gan: GAN, state: TrainState, best_weights: list[np.ndarray] | None) -> None:
+    """Rewrites the history CSVs and the best generator that a resumed run had made before it stopped."""
+    with atomic_path(paths.HISTORY) as tmp:
+        pd.DataFrame(state.history).to_csv(tmp, index=False)
+    with atomic_path(paths.FID_HISTORY) as tmp:
+        pd.DataFrame(state.fid_history).to_csv(tmp, index=False)
+    if best_weights is not None:
+        best = keras.models.clone_model(gan.generator)
+        best.set_weights(best_weights)
+        with atomic_path(paths.GENERATOR_BEST) as tmp:
+            best.save(tmp)
+
+
+def save_models(gan: GAN) -> None:
     """Writes the final generator and discriminator as .keras files, atomically."""
     for model, path in ((gan.generator, paths.GENERATOR), (gan.discriminator, paths.DISCRIMINATOR)):
         with atomic_path(path) as tmp:
@@ -254,17 +362,28 @@ def log_generator(generator: keras.Model, name: str, latent_dim: int, seed: int)
     """Logs the generator to the active MLflow run as a Keras model with signature and input example."""
     from mlflow.models import Model, infer_signature
 
-    example = fixed_noise(seed, 2, latent_dim)
-    signature = infer_signature(example, generate(generator, example))
+    noise = fixed_noise(seed, 2, latent_dim)
+    example = {"noise": noise, "label": balanced_labels(2)[:, None]} if is_conditional(generator) else noise
+    signature = infer_signature(example, generate(generator, noise))
     Model.log(artifact_path=None, name=name, flavor=_KerasFlavor, model=generator,
               signature=signature, input_example=example,
               pip_requirements=[f"keras=={keras.__version__}", "tensorflow"])
 
 
-def train_and_log(config: Config, train_images: np.ndarray, classifier: keras.Model, manifest: dict) -> pd.DataFrame:
-    """Returns the history of a full training run, with every output written and tracked in a new MLflow run."""
-    with tracking.start_run(config, manifest, paths.MLFLOW_RUN):
-        gan, history, fid_history = train_gan(config, train_images, classifier, track=True)
+def train_and_log(config: Config, train_images: np.ndarray, train_labels: np.ndarray, classifier: keras.Model,
+                  manifest: dict) -> pd.DataFrame:
+    """Returns the history of a full training run, resumed from a matching checkpoint when one exists.
+
+    Every output is written and tracked in MLflow: in the interrupted run when resuming one,
+    else in a new run.
+    """
+    fingerprint = training_fingerprint(config, train_images, train_labels, classifier)
+    state = read_state(paths.CHECKPOINT, fingerprint)
+    with tracking.start_run(config, manifest, paths.MLFLOW_RUN, resume_run_id=state and state.run_id) as run:
+        state = state or TrainState(fingerprint=fingerprint)
+        state.run_id = run.info.run_id
+        gan, history, fid_history = train_gan(config, train_images, train_labels, classifier, state=state,
+                                              track=True)
         save_models(gan)
         best = fid_history.loc[fid_history["fid"].idxmin()]
         summary = {"epochs": int(history["epoch"].iloc[-1]), **history.iloc[-1].drop("epoch").to_dict(),
@@ -276,6 +395,5 @@ def train_and_log(config: Config, train_images: np.ndarray, classifier: keras.Mo
         mlflow.log_artifact(str(paths.FID_HISTORY), artifact_path="train")
         mlflow.log_artifacts(str(paths.PROGRESS_GRIDS), artifact_path="train/grids")
         log_generator(gan.generator, "generator", config.train.latent_dim, config.seed)
-        best_generator = load_model(paths.GENERATOR_BEST)
-        log_generator(best_generator, "generator_best", config.train.latent_dim, config.seed)
+        log_generator(load_model(paths.GENERATOR_BEST), "generator_best", config.train.latent_dim, config.seed)
     return history

@@ -10,9 +10,9 @@ from pipeline.train import train_and_log
 
 def main() -> None:
     config = load_config()
-    images, _ = load_split(paths.TRAIN_SPLIT)
+    images, labels = load_split(paths.TRAIN_SPLIT)
     classifier = load_model(paths.CLASSIFIER)
-    train_and_log(config, images, classifier, load_manifest(paths.raw_dir(config.data.name)))
+    train_and_log(config, images, labels, classifier, load_manifest(paths.raw_dir(config.data.name)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -102,3 +106,34 @@ def closed_port_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Returns the finished command, asserting it succeeded and showing its output if not."""
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def make_project(root: Path, overrides: dict) -> tuple[Path, dict, str]:
+    """Returns (root, env, dvc executable) of a fresh git + DVC copy of the project with `overrides`.
+
+    Nothing listens on its data mirror, so the download takes the offline fallback, as with no network.
+    """
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    params = merge(default_params(), merge(overrides, {"data": {"mirror": closed_port_url()}}))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               DVC_NO_ANALYTICS="1")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    run(["git", "init", "-q"], root, env)
+    run([dvc, "init", "-q"], root, env)
+    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the default remote
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny"], root, env)
+    return root, env, dvc

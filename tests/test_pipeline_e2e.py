@@ -1,6 +1,7 @@
 """End to end: `dvc repro` in a fresh git repo runs all five stages into one MLflow run, then skips them all."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -12,38 +13,15 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_OVERRIDES, closed_port_url, default_params, merge
+from conftest import TINY_OVERRIDES, make_project, run
 
 STAGES = ("download", "normalize", "classifier", "train", "sample", "evaluate")
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A fresh git + DVC project with the tiny profile, after one `dvc repro`; yields (root, env, output)."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, root / name)
-    # Nothing listens on the mirror: the download must take the offline fallback, as with no network.
-    params = merge(default_params(), merge(TINY_OVERRIDES, {"data": {"mirror": closed_port_url()}}))
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", GIT_AUTHOR_NAME="t",
-               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               DVC_NO_ANALYTICS="1")
-    dvc = str(Path(sys.executable).parent / "dvc")
-    run(["git", "init", "-q"], root, env)
-    run([dvc, "init", "-q"], root, env)
-    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the default remote
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "tiny"], root, env)
+    """A fresh git + DVC project with the tiny profile, after one `dvc repro`; yields (root, env, dvc, output)."""
+    root, env, dvc = make_project(tmp_path_factory.mktemp("project"), TINY_OVERRIDES)
     output = run([dvc, "repro"], root, env)
     yield root, env, dvc, output.stdout
 
@@ -96,6 +74,7 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     run = runs[0]
+    assert re.fullmatch(r"mnist-dcgan-[0-9a-f]{8}", run.info.run_name)
     assert run.info.run_id == json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
     assert run.data.params["train.epochs"] == "1" and run.data.params["train.lr"] == "0.0002"
     assert run.data.params["model.generator_filters"] == "[16, 8]"

@@ -5,21 +5,25 @@ import pandas as pd
 import pytest
 
 from pipeline import paths
-from pipeline.train import METRIC_NAMES, build_gan, load_checkpoint, train_gan
+from pipeline.checkpoint import restore_checkpoint
+from pipeline.config import ConfigError
+from pipeline.train import METRIC_NAMES, build_gan, train_gan
 
 
 @pytest.fixture(scope="module")
 def classifier():
+    from pipeline.config import ClassifierConfig
     from pipeline.models import build_classifier
 
-    return build_classifier((28, 28, 1), 10)  # untrained: FID needs features, not good ones
+    return build_classifier(ClassifierConfig(filters=(8, 16), features=32, epochs=1, batch_size=32, lr=1e-3),
+                            (28, 28, 1))  # untrained: FID needs features, not good ones
 
 
 @pytest.fixture
 def trained(tiny_config, scaled_digits, classifier, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    images, _ = scaled_digits
-    return train_gan(tiny_config, images[:256], classifier, verbose=0)
+    images, labels = scaled_digits
+    return train_gan(tiny_config, images[:256], labels[:256], classifier, verbose=0)
 
 
 def test_history_has_every_metric_per_epoch(trained, tmp_path):
@@ -42,10 +46,9 @@ def test_sample_grid_and_checkpoint_are_written(trained, tmp_path):
 def test_checkpoint_restores_both_models_and_optimizers(trained, tiny_config, tmp_path):
     gan, _, _ = trained
     fresh = build_gan(tiny_config, (28, 28, 1))
-    fresh.d_optimizer.build(fresh.discriminator.trainable_variables)
-    fresh.g_optimizer.build(fresh.generator.trainable_variables)
-    epoch = load_checkpoint(fresh, tmp_path / paths.CHECKPOINT)
-    assert epoch == 1
+    best = restore_checkpoint(fresh, tmp_path / paths.CHECKPOINT)
+    np.testing.assert_array_equal(best[0], gan.generator.get_weights()[0])  # one epoch: best is last
+    np.testing.assert_array_equal(np.asarray(fresh.noise_seed.state), np.asarray(gan.noise_seed.state))
     for part in ("generator", "discriminator", "g_optimizer", "d_optimizer"):
         for a, b in zip(getattr(gan, part).variables, getattr(fresh, part).variables):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -67,7 +70,7 @@ def test_best_generator_is_the_epoch_with_the_lowest_fid(tiny_params, scaled_dig
 
     monkeypatch.chdir(tmp_path)
     config = config_from_dict(merge(tiny_params, {"train": {"epochs": 3}}))
-    gan, _, fid_history = train_gan(config, scaled_digits[0][:256], classifier, verbose=0)
+    gan, _, fid_history = train_gan(config, scaled_digits[0][:256], scaled_digits[1][:256], classifier, verbose=0)
     best_epoch = int(fid_history.loc[fid_history["fid"].idxmin(), "epoch"])
     noise = fixed_noise(0, 4, config.train.latent_dim)
     best = generate(load_model(tmp_path / paths.GENERATOR_BEST), noise)
@@ -79,6 +82,6 @@ def test_best_generator_is_the_epoch_with_the_lowest_fid(tiny_params, scaled_dig
 def test_batch_larger_than_dataset_is_refused_before_training(tiny_config, scaled_digits, classifier, tmp_path,
                                                                monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="train.batch_size 32 is larger than the 10 training images"):
-        train_gan(tiny_config, scaled_digits[0][:10], classifier, verbose=0)
+    with pytest.raises(ConfigError, match="train.batch_size: 32 is larger than the 10 training images"):
+        train_gan(tiny_config, scaled_digits[0][:10], scaled_digits[1][:10], classifier, verbose=0)
     assert not (tmp_path / "models").exists()

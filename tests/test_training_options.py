@@ -1,0 +1,68 @@
+"""Training options from params.yaml: discriminator steps, one-sided label smoothing, instance noise."""
+
+import numpy as np
+import pytest
+
+from conftest import merge
+from pipeline.config import config_from_dict
+from pipeline.train import InstanceNoiseSchedule, build_gan, train_gan
+from test_train import classifier  # noqa: F401 (fixture)
+
+
+def config_with(tiny_params, **train):
+    return config_from_dict(merge(tiny_params, {"train": train}))
+
+
+def bce(target, logits):
+    p = 1 / (1 + np.exp(-logits))
+    return float(np.mean(-(target * np.log(p) + (1 - target) * np.log(1 - p))))
+
+
+@pytest.mark.parametrize("d_steps", [1, 3])
+def test_discriminator_takes_d_steps_updates_per_generator_update(d_steps, tiny_params, scaled_digits, classifier,
+                                                                   tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gan, _, _ = train_gan(config_with(tiny_params, d_steps=d_steps), *scaled_digits, classifier, verbose=0)
+    steps = len(scaled_digits[0][:256]) // 32
+    g_updates = int(gan.g_optimizer.iterations)
+    assert g_updates >= steps and int(gan.d_optimizer.iterations) == d_steps * g_updates
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_label_smoothing_lowers_only_the_real_targets(smoothing, tiny_params):
+    gan = build_gan(config_with(tiny_params, label_smoothing=smoothing), (28, 28, 1))
+    real_logits, fake_logits = np.array([[2.0], [0.5]], np.float32), np.array([[-1.0], [0.3]], np.float32)
+    expected = bce(1.0 - smoothing, real_logits) + bce(0.0, fake_logits)
+    assert float(gan._d_loss(real_logits, fake_logits)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_instance_noise_perturbs_what_the_discriminator_sees(tiny_params):
+    images = np.zeros((4, 28, 28, 1), np.float32)
+    quiet = build_gan(config_with(tiny_params, instance_noise=0.0), (28, 28, 1))
+    noisy = build_gan(config_with(tiny_params, instance_noise=0.5), (28, 28, 1))
+    noisy.discriminator.set_weights(quiet.discriminator.get_weights())
+    # Dropout is active in _judge (training=True): compare against the same call with noise off.
+    noisy.noise_std.assign(0.0)
+    baseline = [np.asarray(noisy._judge(images, None)) for _ in range(2)]
+    noisy.noise_std.assign(0.5)
+    perturbed = np.asarray(noisy._judge(images, None))
+    assert np.abs(perturbed - baseline[0]).mean() > 3 * np.abs(baseline[1] - baseline[0]).mean()
+
+
+def test_instance_noise_anneals_linearly_to_zero(tiny_params):
+    gan = build_gan(config_with(tiny_params, instance_noise=0.4), (28, 28, 1))
+    schedule = InstanceNoiseSchedule(epochs=4)
+    schedule.set_model(gan)
+    seen = []
+    for epoch in range(4):
+        schedule.on_epoch_begin(epoch)
+        seen.append(float(gan.noise_std))
+    assert seen == pytest.approx([0.4, 0.3, 0.2, 0.1])
+
+
+def test_training_with_instance_noise_runs_the_schedule(tiny_params, scaled_digits, classifier, tmp_path,
+                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = config_with(tiny_params, instance_noise=0.4, epochs=2)
+    gan, _, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier, verbose=0)
+    assert float(gan.noise_std) == pytest.approx(0.2)  # the last epoch's value
