@@ -84,3 +84,40 @@ def test_a_truncated_checkpoint_file_is_refused_and_training_starts_fresh(tmp_pa
     with caplog.at_level(logging.WARNING):
         assert read_state(path, fingerprint="f") is None
     assert "is unreadable" in caplog.text and "starting fresh" in caplog.text
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch):
+    """A working directory with its own SQLite MLflow store; yields an MlflowClient on it."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+MANIFEST = {"dataset": "mnist", "source": "test", "sha256": "0", "offline_fallback": False}
+
+
+def only_run(client):
+    return client.search_runs([client.get_experiment_by_name("mnist").experiment_id])[0]
+
+
+def test_divergence_marks_the_mlflow_run_failed(tiny_params, scaled_digits, classifier, tracked):
+    from pipeline.train import train_and_log
+
+    config = config_from_dict(merge(tiny_params, {"train": {"epochs": 2}}))
+    with pytest.raises(TrainingDiverged):
+        train_and_log(config, poisoned(scaled_digits[0][:128]), scaled_digits[1][:128], classifier, MANIFEST)
+    assert only_run(tracked).info.status == "FAILED"
+
+
+def test_discriminator_winning_is_tagged_on_the_mlflow_run(tiny_params, scaled_digits, classifier, tracked):
+    from pipeline.train import train_and_log
+
+    config = config_from_dict(merge(tiny_params, {"train": {"epochs": 1, "d_win_loss": 100.0, "d_win_epochs": 1}}))
+    train_and_log(config, scaled_digits[0][:128], scaled_digits[1][:128], classifier, MANIFEST)
+    run = only_run(tracked)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["warning.discriminator_wins"].startswith("the discriminator wins outright")
