@@ -40,10 +40,11 @@ class TrainState:
 
 
 def training_fingerprint(config: Config, images: np.ndarray, labels: np.ndarray, classifier: keras.Model) -> str:
-    """Returns a hash of what training depends on: params (but train.epochs), data and the evaluator."""
+    """Returns a hash of what training depends on: params (but where it stops), data and the evaluator."""
     params = {k: v for k, v in to_flat_dict(config).items()
-              # More epochs extend a run; sampling and evaluation do not touch training.
-              if k.split(".")[0] in ("seed", "data", "model", "train") and k != "train.epochs"}
+              # More epochs or time extend a run; sampling and evaluation do not touch training.
+              if k.split(".")[0] in ("seed", "data", "model", "train")
+              and k not in ("train.epochs", "train.time_limit_minutes")}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(images).tobytes())
     digest.update(np.ascontiguousarray(labels).tobytes())

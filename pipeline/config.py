@@ -54,6 +54,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = _spec(min=1)
+    time_limit_minutes: float | None = _spec(min=0.0, min_exclusive=True, doc="stop after this wall time; None = off")
     batch_size: int = _spec(min=1)
     latent_dim: int = _spec(min=1)
     lr: float = _spec(min=0.0, max=1.0, min_exclusive=True)

@@ -142,6 +142,35 @@ class TrainingDiverged(PipelineError):
     """A loss became NaN or infinite: training stopped, the last good checkpoint kept."""
 
 
+def is_final(model: keras.Model, epoch: int, config: Config) -> bool:
+    """Returns whether `epoch` (1-based) ends training: the last one, or the time limit has stopped it."""
+    return epoch == config.train.epochs or model.stop_training
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Stops training at the end of the first epoch that leaves too little time for another.
+
+    Runs before the other callbacks, so they see `stop_training` and treat the epoch as the last.
+    """
+
+    def __init__(self, minutes: float):
+        super().__init__()
+        self.seconds = minutes * 60
+        self.started = self.epoch_started = 0.0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch_started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        now = time.perf_counter()
+        if now - self.started + (now - self.epoch_started) > self.seconds:
+            log.info("train.time_limit_minutes reached after epoch %d (%.0f s)", epoch + 1, now - self.started)
+            self.model.stop_training = True
+
+
 class EpochOutputs(keras.callbacks.Callback):
     """After each epoch: a history row and the history CSV; every N epochs a fixed-noise sample grid."""
 
@@ -162,7 +191,7 @@ class EpochOutputs(keras.callbacks.Callback):
         self.rows.append({"epoch": number, **metrics})
         with atomic_path(self.history_path) as tmp:
             pd.DataFrame(self.rows).to_csv(tmp, index=False)
-        if number % self.config.train.sample_every == 0 or number == self.config.train.epochs:
+        if number % self.config.train.sample_every == 0 or is_final(self.model, number, self.config):
             images = to_uint8(generate(self.model.generator, self.noise))
             save_png(self.grid_dir / f"epoch_{number:04d}.png", tile(images, self.config.train.grid_size))
 
@@ -187,7 +216,7 @@ class FidTracking(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         number = epoch + 1
-        if number % self.config.train.eval_every and number != self.config.train.epochs:
+        if number % self.config.train.eval_every and not is_final(self.model, number, self.config):
             return
         fake, _ = embed(self.extractor, generate(self.model.generator, self.noise))
         e = self.config.evaluate
@@ -221,7 +250,7 @@ class Checkpointing(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         number = epoch + 1
-        if number % self.config.train.checkpoint_every and number != self.config.train.epochs:
+        if number % self.config.train.checkpoint_every and not is_final(self.model, number, self.config):
             return
         self.state.epoch = number
         now = int(time.time() * 1000)
@@ -312,6 +341,8 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
         restore_outputs(gan, state, fid.best_weights)
     checkpointing = Checkpointing(config, state, fid, paths.CHECKPOINT, track)
     callbacks = [outputs, fid, DivergenceGuard(config, track), checkpointing]
+    if config.train.time_limit_minutes is not None:
+        callbacks.insert(0, TimeLimit(config.train.time_limit_minutes))
     if config.train.instance_noise:
         callbacks.append(InstanceNoiseSchedule(config.train.epochs))
     if verbose is None:

@@ -66,3 +66,19 @@ def test_training_with_instance_noise_runs_the_schedule(tiny_params, scaled_digi
     config = config_with(tiny_params, instance_noise=0.4, epochs=2)
     gan, _, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier, verbose=0)
     assert float(gan.noise_std) == pytest.approx(0.2)  # the last epoch's value
+
+
+def test_time_limit_stops_at_an_epoch_end_and_treats_it_as_the_last(tiny_params, scaled_digits, classifier,
+                                                                    tmp_path, monkeypatch):
+    from pipeline import paths
+    from pipeline.checkpoint import read_state
+
+    monkeypatch.chdir(tmp_path)
+    config = config_from_dict(merge(tiny_params, {"train": {"epochs": 5, "time_limit_minutes": 0.0001,
+                                                            "eval_every": 3, "checkpoint_every": 3,
+                                                            "sample_every": 3}}))
+    _, history, fid_history = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier, verbose=0)
+    assert history["epoch"].tolist() == [1]
+    assert fid_history["epoch"].tolist() == [1]  # evaluated although 1 is off the schedule
+    assert read_state(paths.CHECKPOINT, fingerprint="").epoch == 1
+    assert (tmp_path / paths.PROGRESS_GRIDS / "epoch_0001.png").exists()
