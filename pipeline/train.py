@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 from keras import ops
 
-from pipeline import metrics, paths, tracking
+from pipeline import metrics, paths, steps, tracking
 from pipeline.checkpoint import TrainState, read_state, restore_checkpoint, save_checkpoint, training_fingerprint
 from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.devices import configure_devices, dtype_policy, float32_copy, precision
 from pipeline.errors import PipelineError
 from pipeline.evaluate import TRAIN_EVAL_NOISE_OFFSET, embed, feature_extractor
 from pipeline.files import atomic_path, write_json
@@ -35,6 +36,9 @@ class GAN(keras.Model):
     Trains any `model.arch`: a conditional pair gets the real labels from fit's `y` and random
     labels for its fakes. Options from params: `d_steps` discriminator updates per generator
     update, one-sided label smoothing, and instance noise on the discriminator's inputs.
+
+    Backend-neutral (keras.ops, keras.random): what a step computes is defined here; only its
+    gradients and optimizer updates live in pipeline/steps, one module per Keras backend.
     """
 
     def __init__(self, generator: keras.Model, discriminator: keras.Model, config: TrainConfig, seed: int):
@@ -50,11 +54,16 @@ class GAN(keras.Model):
         self.noise_std = keras.Variable(config.instance_noise, trainable=False, name="noise_std")
         self.noise_seed = keras.random.SeedGenerator(seed)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
+        # Complete: its models are built and it has no call() of its own. (JAX's fit() would else
+        # try to build it by calling it on a batch.)
+        self.built = True
 
     def compile(self, d_optimizer: keras.optimizers.Optimizer, g_optimizer: keras.optimizers.Optimizer):
-        super().compile()
+        super().compile(optimizer=None)
         self.d_optimizer = d_optimizer
         self.g_optimizer = g_optimizer
+        # Both as the one `optimizer` Keras' trainers look for: JAX's carries its variables through the step.
+        self.optimizer = steps.OptimizerPair(d_optimizer, self.discriminator, g_optimizer, self.generator)
         self.loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
 
     @property
@@ -62,6 +71,7 @@ class GAN(keras.Model):
         return list(self.trackers.values())
 
     def _latent(self, batch):
+        """Returns the noise (and, conditional, the class labels) of `batch` fakes."""
         noise = keras.random.normal((batch, self.latent_dim), seed=self.noise_seed)
         if not self.conditional:
             return noise, None
@@ -71,40 +81,57 @@ class GAN(keras.Model):
         return self.generator([noise, labels] if self.conditional else noise, training=training)
 
     def _judge(self, images, labels):
-        if self.instance_noise:
-            images = images + self.noise_std * keras.random.normal(ops.shape(images), seed=self.noise_seed)
-        return self.discriminator([images, labels] if self.conditional else images, training=True)
+        """Returns the discriminator's float32 logits for `images`, with the instance noise added when on."""
+        if self.instance_noise:  # in float32: under mixed precision the fakes come in the compute dtype
+            noise = keras.random.normal(ops.shape(images), seed=self.noise_seed)
+            images = ops.cast(images, "float32") + self.noise_std * noise
+        # float32 whatever the compute dtype: the losses, targets and metrics are computed in float32.
+        return ops.cast(self.discriminator([images, labels] if self.conditional else images, training=True),
+                        "float32")
+
+    def _judge_both(self, real, labels, fake, fake_labels):
+        """Returns the discriminator's float32 logits for `real` and for `fake`, from one call on both.
+
+        One batch of 2n rather than two of n computes the same (no discriminator here has batch
+        statistics), in larger matrix products that run faster.
+        """
+        images = ops.concatenate([ops.cast(real, fake.dtype), fake], axis=0)
+        both = ops.concatenate([labels, fake_labels], axis=0) if self.conditional else None
+        logits = self._judge(images, both)
+        n = ops.shape(real)[0]
+        return logits[:n], logits[n:]
 
     def _d_loss(self, real_logits, fake_logits):
         real_targets = ops.full_like(real_logits, self.real_target)
         return self.loss_fn(real_targets, real_logits) + self.loss_fn(ops.zeros_like(fake_logits), fake_logits)
 
-    def train_step(self, data):
-        import tensorflow as tf  # the gradient step is the one backend-specific piece
-
+    def unpack(self, data):
+        """Returns the real images of a batch from fit() and, conditional, their labels as int32 (batch, 1)."""
         real, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         if self.conditional:
             labels = ops.reshape(ops.cast(labels, "int32"), (-1, 1))
-        batch = ops.shape(real)[0]
-        for _ in range(self.d_steps - 1):  # the extra discriminator-only updates
-            noise, fake_labels = self._latent(batch)
-            fake = self._generate(noise, fake_labels, training=True)
-            with tf.GradientTape() as d_tape:
-                d_loss = self._d_loss(self._judge(real, labels), self._judge(fake, fake_labels))
-            d_grads = d_tape.gradient(d_loss, self.discriminator.trainable_weights)
-            self.d_optimizer.apply_gradients(zip(d_grads, self.discriminator.trainable_weights))
-        noise, fake_labels = self._latent(batch)
-        # One generator pass serves both updates, as in the TF tutorial: cheaper than two.
-        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
-            fake = self._generate(noise, fake_labels, training=True)
-            real_logits = self._judge(real, labels)
-            fake_logits = self._judge(fake, fake_labels)
-            d_loss = self._d_loss(real_logits, fake_logits)
-            g_loss = self.loss_fn(ops.ones_like(fake_logits), fake_logits)
-        d_grads = d_tape.gradient(d_loss, self.discriminator.trainable_weights)
-        g_grads = g_tape.gradient(g_loss, self.generator.trainable_weights)
-        self.d_optimizer.apply_gradients(zip(d_grads, self.discriminator.trainable_weights))
-        self.g_optimizer.apply_gradients(zip(g_grads, self.generator.trainable_weights))
+        return real, labels
+
+    def discriminator_loss(self, real, labels):
+        """Returns the loss of a discriminator-only update: `real` against a fresh batch of fakes."""
+        noise, fake_labels = self._latent(ops.shape(real)[0])
+        fake = self._generate(noise, fake_labels, training=True)
+        return self._d_loss(*self._judge_both(real, labels, fake, fake_labels))
+
+    def joint_losses(self, real, labels):
+        """Returns (d_loss, g_loss, real_logits, fake_logits) of the joint update.
+
+        One generator pass serves both updates, as in the TF tutorial: cheaper than two.
+        """
+        noise, fake_labels = self._latent(ops.shape(real)[0])
+        fake = self._generate(noise, fake_labels, training=True)
+        real_logits, fake_logits = self._judge_both(real, labels, fake, fake_labels)
+        d_loss = self._d_loss(real_logits, fake_logits)
+        g_loss = self.loss_fn(ops.ones_like(fake_logits), fake_logits)
+        return d_loss, g_loss, real_logits, fake_logits
+
+    def record_metrics(self, d_loss, g_loss, real_logits, fake_logits) -> dict:
+        """Returns the running means of METRIC_NAMES after adding this step's values."""
         values = {
             "d_loss": d_loss,
             "g_loss": g_loss,
@@ -117,14 +144,44 @@ class GAN(keras.Model):
             self.trackers[name].update_state(value)
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
+    def train_step(self, *args):
+        # (data) under TensorFlow's trainer, (state, data) under JAX's: pipeline/steps has one per backend.
+        return steps.train_step(self, *args)
+
 
 def build_gan(config: Config, image_shape: tuple[int, int, int]) -> GAN:
-    """Returns the compiled GAN of `model.arch` for `image_shape`, with Adam(lr, beta_1) for each side."""
-    gan = GAN(build_generator(config.model, config.train.latent_dim, image_shape),
-              build_discriminator(config.model, image_shape), config.train, config.seed)
-    gan.compile(d_optimizer=keras.optimizers.Adam(config.train.lr, beta_1=config.train.beta_1),
-                g_optimizer=keras.optimizers.Adam(config.train.lr, beta_1=config.train.beta_1))
+    """Returns the compiled GAN of `model.arch` for `image_shape`, with Adam(lr, beta_1) for each side.
+
+    The models compute in `train.mixed_precision`'s policy (variables stay float32); the
+    generator's optimizer keeps its exponential moving average when `train.ema` is on.
+    """
+    t = config.train
+    with precision(dtype_policy(t.mixed_precision)):
+        gan = GAN(build_generator(config.model, t.latent_dim, image_shape),
+                  build_discriminator(config.model, image_shape), t, config.seed)
+    gan.compile(d_optimizer=keras.optimizers.Adam(t.lr, beta_1=t.beta_1),
+                g_optimizer=keras.optimizers.Adam(t.lr, beta_1=t.beta_1, use_ema=t.ema > 0, ema_momentum=t.ema))
+    # JAX without jit runs op by op, many times slower: there the step is always compiled.
+    gan.jit_compile = t.jit_compile or keras.backend.backend() == "jax"
     return gan
+
+
+def averaged_generator(gan: GAN, out: keras.Model | None = None) -> keras.Model:
+    """Returns the generator that is saved and scored: float32, with the averaged weights when `train.ema` is on.
+
+    Writes into `out`, an earlier result, when given: callers refreshing one copy each epoch
+    trace its predict function once.
+    """
+    out = float32_copy(gan.generator) if out is None else out
+    raw = [ops.convert_to_numpy(v) for v in gan.generator.trainable_variables]
+    if gan.g_optimizer.use_ema and gan.g_optimizer.built:
+        gan.g_optimizer.finalize_variable_values(gan.generator.trainable_variables)
+    for source, target in zip(gan.generator.variables, out.variables):
+        # A copy: on JAX, predict() on `out` donates its variables' buffers, which must not be the GAN's.
+        target.assign(ops.copy(ops.cast(source, target.dtype)))
+    for variable, value in zip(gan.generator.trainable_variables, raw):
+        variable.assign(value)
+    return out
 
 
 class InstanceNoiseSchedule(keras.callbacks.Callback):
@@ -180,6 +237,7 @@ class EpochOutputs(keras.callbacks.Callback):
         side = config.train.grid_size
         self.noise = fixed_noise(config.seed, side * side, config.train.latent_dim)
         self.started = 0.0
+        self.export: keras.Model | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.started = time.perf_counter()
@@ -192,7 +250,8 @@ class EpochOutputs(keras.callbacks.Callback):
         with atomic_path(self.history_path) as tmp:
             pd.DataFrame(self.rows).to_csv(tmp, index=False)
         if number % self.config.train.sample_every == 0 or is_final(self.model, number, self.config):
-            images = to_uint8(generate(self.model.generator, self.noise))
+            self.export = averaged_generator(self.model, self.export)
+            images = to_uint8(generate(self.export, self.noise))
             save_png(self.grid_dir / f"epoch_{number:04d}.png", tile(images, self.config.train.grid_size))
 
 
@@ -213,12 +272,14 @@ class FidTracking(keras.callbacks.Callback):
         self.real_features, _ = embed(self.extractor, real_images[chosen])
         self.noise = fixed_noise(config.seed + TRAIN_EVAL_NOISE_OFFSET, count, config.train.latent_dim)
         self.best_weights: list[np.ndarray] | None = None
+        self.export: keras.Model | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         number = epoch + 1
         if number % self.config.train.eval_every and not is_final(self.model, number, self.config):
             return
-        fake, _ = embed(self.extractor, generate(self.model.generator, self.noise))
+        generator = self.export = averaged_generator(self.model, self.export)
+        fake, _ = embed(self.extractor, generate(generator, self.noise))
         e = self.config.evaluate
         kid, _ = metrics.kid(self.real_features, fake, subsets=e.kid_subsets, subset_size=e.kid_subset_size,
                              seed=self.config.seed)
@@ -228,9 +289,9 @@ class FidTracking(keras.callbacks.Callback):
             pd.DataFrame(self.state.fid_history).to_csv(tmp, index=False)
         if self.state.best is None or row["fid"] < self.state.best["fid"]:
             self.state.best = row
-            self.best_weights = self.model.generator.get_weights()
+            self.best_weights = generator.get_weights()
             with atomic_path(self.best_path) as tmp:
-                self.model.generator.save(tmp)
+                generator.save(tmp)
         log.info("epoch %d: FID %.3f, KID %.5f (best FID %.3f at epoch %d)", number, row["fid"], kid,
                  self.state.best["fid"], self.state.best["epoch"])
 
@@ -305,18 +366,6 @@ class DivergenceGuard(keras.callbacks.Callback):
                 mlflow.set_tag("warning.discriminator_wins", message)
 
 
-def configure_devices() -> str:
-    """Returns the device training will use: a GPU (with memory growth) when one is visible, else the CPU."""
-    if keras.backend.backend() != "tensorflow":
-        return keras.backend.backend()
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    return f"GPU x{len(gpus)}" if gpus else "CPU"
-
-
 def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier: keras.Model,
               state: TrainState | None = None, verbose: int | None = None,
               track: bool = False) -> tuple[GAN, pd.DataFrame, pd.DataFrame]:
@@ -328,7 +377,8 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
     if config.train.batch_size > len(images):
         raise ConfigError(f"train.batch_size: {config.train.batch_size} is larger than the {len(images)} "
                           f"training images; allowed values: <= {len(images)}")
-    log.info("training on %s: %d images of shape %s", configure_devices(), len(images), images.shape[1:])
+    log.info("training with %s in %s: %d images of shape %s", configure_devices(),
+             dtype_policy(config.train.mixed_precision), len(images), images.shape[1:])
     keras.utils.set_random_seed(config.seed + (state.epoch if state else 0))
     gan = build_gan(config, tuple(images.shape[1:]))
     state = state or TrainState(fingerprint="")
@@ -361,15 +411,16 @@ def restore_outputs(gan: GAN, state: TrainState, best_weights: list[np.ndarray] 
     with atomic_path(paths.FID_HISTORY) as tmp:
         pd.DataFrame(state.fid_history).to_csv(tmp, index=False)
     if best_weights is not None:
-        best = keras.models.clone_model(gan.generator)
+        best = float32_copy(gan.generator)
         best.set_weights(best_weights)
         with atomic_path(paths.GENERATOR_BEST) as tmp:
             best.save(tmp)
 
 
 def save_models(gan: GAN) -> None:
-    """Writes the final generator and discriminator as .keras files, atomically."""
-    for model, path in ((gan.generator, paths.GENERATOR), (gan.discriminator, paths.DISCRIMINATOR)):
+    """Writes the final generator (averaged, when `train.ema` is on) and discriminator as float32 .keras files."""
+    for model, path in ((averaged_generator(gan), paths.GENERATOR),
+                        (float32_copy(gan.discriminator), paths.DISCRIMINATOR)):
         with atomic_path(path) as tmp:
             model.save(tmp)
 
@@ -398,7 +449,8 @@ def log_generator(generator: keras.Model, name: str, latent_dim: int, seed: int)
     signature = infer_signature(example, generate(generator, noise))
     Model.log(artifact_path=None, name=name, flavor=_KerasFlavor, model=generator,
               signature=signature, input_example=example,
-              pip_requirements=[f"keras=={keras.__version__}", "tensorflow"])
+              # The backend it was trained on, by its PyPI name: tensorflow or jax (which brings jaxlib).
+              pip_requirements=[f"keras=={keras.__version__}", keras.backend.backend()])
 
 
 def train_and_log(config: Config, train_images: np.ndarray, train_labels: np.ndarray, classifier: keras.Model,
@@ -425,6 +477,6 @@ def train_and_log(config: Config, train_images: np.ndarray, train_labels: np.nda
         mlflow.log_artifact(str(paths.HISTORY), artifact_path="train")
         mlflow.log_artifact(str(paths.FID_HISTORY), artifact_path="train")
         mlflow.log_artifacts(str(paths.PROGRESS_GRIDS), artifact_path="train/grids")
-        log_generator(gan.generator, "generator", config.train.latent_dim, config.seed)
+        log_generator(load_model(paths.GENERATOR), "generator", config.train.latent_dim, config.seed)
         log_generator(load_model(paths.GENERATOR_BEST), "generator_best", config.train.latent_dim, config.seed)
     return history

@@ -7,7 +7,7 @@ import pytest
 from pipeline import paths
 from pipeline.checkpoint import restore_checkpoint
 from pipeline.config import ConfigError
-from pipeline.train import METRIC_NAMES, build_gan, train_gan
+from pipeline.train import METRIC_NAMES, averaged_generator, build_gan, train_gan
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,8 @@ def test_checkpoint_restores_both_models_and_optimizers(trained, tiny_config, tm
     gan, _, _ = trained
     fresh = build_gan(tiny_config, (28, 28, 1))
     best = restore_checkpoint(fresh, tmp_path / paths.CHECKPOINT)
-    np.testing.assert_array_equal(best[0], gan.generator.get_weights()[0])  # one epoch: best is last
+    # One epoch: the best generator is the last one, as saved (its averaged weights).
+    np.testing.assert_array_equal(best[0], averaged_generator(gan).get_weights()[0])
     np.testing.assert_array_equal(np.asarray(fresh.noise_seed.state), np.asarray(gan.noise_seed.state))
     for part in ("generator", "discriminator", "g_optimizer", "d_optimizer"):
         for a, b in zip(getattr(gan, part).variables, getattr(fresh, part).variables):
@@ -74,7 +75,7 @@ def test_best_generator_is_the_epoch_with_the_lowest_fid(tiny_params, scaled_dig
     best_epoch = int(fid_history.loc[fid_history["fid"].idxmin(), "epoch"])
     noise = fixed_noise(0, 4, config.train.latent_dim)
     best = generate(load_model(tmp_path / paths.GENERATOR_BEST), noise)
-    last = generate(gan.generator, noise)
+    last = generate(averaged_generator(gan), noise)
     assert fid_history["epoch"].tolist() == [1, 2, 3]
     assert np.array_equal(best, last) == (best_epoch == 3)
 

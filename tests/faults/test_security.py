@@ -4,7 +4,7 @@ import re
 
 from conftest import ROOT
 
-SOURCES = sorted([*ROOT.glob("pipeline/*.py"), *ROOT.glob("stages/*.py"), *ROOT.glob("benchmarks/*.py")])
+SOURCES = sorted([*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("stages/*.py"), *ROOT.glob("benchmarks/*.py")])
 
 
 def test_nothing_is_ever_unpickled():
