@@ -67,12 +67,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         os.chdir(folder)
         start = time.perf_counter()
-        gan, history, _ = train_gan(ours_config, *train, classifier, verbose=0)
+        gan, history, fid_history = train_gan(ours_config, *train, classifier, verbose=0)
         ours_seconds = time.perf_counter() - start
         ours = load_model(paths.generator_path(config.generator)) if config.generator == "best" else gan.generator
 
     scores = {name: evaluate_generator(config, generator, extractor, train, holdout)
               for name, generator in (("reference (tuned)", reference), ("ours", ours))}
+    from pipeline.devices import dtype_policy
+
+    print(f"machine: {os.cpu_count()} cores, this process may use {len(os.sched_getaffinity(0))}; ours computes in "
+          f"{dtype_policy(config.train.mixed_precision)}")
+    print("ours during training (FID of train.eval_samples samples): "
+          + ", ".join(f"epoch {int(r.epoch)} {r.fid:.1f}" for r in fid_history.itertuples()))
     print(f"evaluator: the pipeline's classifier, holdout accuracy {accuracy:.4f}; FID on "
           f"{scores['ours']['num_samples']} samples vs as many real training images")
     print(f"{'':<20}{'minutes':>9}{'FID':>9}{'classes':>9}")
