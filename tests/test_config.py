@@ -10,13 +10,13 @@ def test_repository_params_load_into_typed_config():
     config = load_config(ROOT / "params.yaml")
     assert isinstance(config, Config)
     assert config.data.name == "mnist"
-    assert config.train.lr == 2e-4 and config.train.beta_1 == 0.5
+    assert config.train.lr == 8e-4 and config.train.beta_1 == 0.5
     assert isinstance(config.model.generator_filters, tuple)
 
 
 def test_flat_dict_names_every_leaf_with_dotted_keys():
     flat = to_flat_dict(load_config(ROOT / "params.yaml"))
-    assert flat["train.lr"] == 2e-4
+    assert flat["train.lr"] == 8e-4
     assert flat["data.limit"] is None
     assert flat["model.generator_filters"] == [128, 64, 32]
     assert "train" not in flat

@@ -76,7 +76,7 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
     run = runs[0]
     assert re.fullmatch(r"mnist-dcgan-[0-9a-f]{8}", run.info.run_name)
     assert run.info.run_id == json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
-    assert run.data.params["train.epochs"] == "1" and run.data.params["train.lr"] == "0.0002"
+    assert run.data.params["train.epochs"] == "1" and run.data.params["train.lr"] == "0.0008"
     assert run.data.params["model.generator_filters"] == "[16, 8]"
     for key in ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "d_real", "d_fake", "fid", "inception_score",
                 "classifier_holdout_accuracy", "modes", "kid", "precision", "recall", "coverage", "train_fid",
