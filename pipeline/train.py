@@ -377,10 +377,11 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
     if config.train.batch_size > len(images):
         raise ConfigError(f"train.batch_size: {config.train.batch_size} is larger than the {len(images)} "
                           f"training images; allowed values: <= {len(images)}")
-    log.info("training with %s in %s: %d images of shape %s", configure_devices(),
-             dtype_policy(config.train.mixed_precision), len(images), images.shape[1:])
+    device = configure_devices()  # before any model: TensorFlow fixes GPU memory settings at first use
     keras.utils.set_random_seed(config.seed + (state.epoch if state else 0))
     gan = build_gan(config, tuple(images.shape[1:]))
+    log.info("training with %s in %s: %d images of shape %s", device, gan.generator.dtype_policy.name,
+             len(images), images.shape[1:])
     state = state or TrainState(fingerprint="")
     if not state.epoch:
         shutil.rmtree(paths.PROGRESS_GRIDS, ignore_errors=True)  # grids persist for resumes, not fresh runs
