@@ -70,6 +70,7 @@ class TrainConfig:
     d_win_epochs: int = _spec(min=1)
     eval_every: int = _spec(min=1, doc="epochs between FID/KID evaluations; the best FID is kept")
     eval_samples: int = _spec(min=10, doc="generated images per evaluation during training")
+    eval_kid_subsets: int = _spec(min=1, doc="KID subsets per evaluation during training")
     ema: float = _spec(min=0.0, max=0.9999, doc="decay of the generator's averaged weights, saved and scored; 0 = off")
     mixed_precision: str = _spec(choices=PRECISIONS, doc="auto: bfloat16 on a GPU or a CPU with bfloat16 units")
     jit_compile: bool = _spec(doc="compile the training step with XLA")

@@ -280,9 +280,8 @@ class FidTracking(keras.callbacks.Callback):
             return
         generator = self.export = averaged_generator(self.model, self.export)
         fake, _ = embed(self.extractor, generate(generator, self.noise))
-        e = self.config.evaluate
-        kid, _ = metrics.kid(self.real_features, fake, subsets=e.kid_subsets, subset_size=e.kid_subset_size,
-                             seed=self.config.seed)
+        kid, _ = metrics.kid(self.real_features, fake, subsets=self.config.train.eval_kid_subsets,
+                             subset_size=self.config.evaluate.kid_subset_size, seed=self.config.seed)
         row = {"epoch": number, "fid": metrics.fid(fake, self.real_features), "kid": kid}
         self.state.fid_history.append(row)
         with atomic_path(self.history_path) as tmp:
