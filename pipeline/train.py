@@ -207,23 +207,20 @@ def is_final(model: keras.Model, epoch: int, config: Config) -> bool:
 class TimeLimit(keras.callbacks.Callback):
     """Stops training at the end of the first epoch that leaves too little time for another.
 
-    Runs before the other callbacks, so they see `stop_training` and treat the epoch as the last.
+    The time counts from `started`, the start of train_gan, so building the models and tracing
+    the step count too; another epoch is estimated from the last one, callbacks included. Runs
+    before the other callbacks, so they see `stop_training` and treat the epoch as the last.
     """
 
-    def __init__(self, minutes: float):
+    def __init__(self, minutes: float, started: float):
         super().__init__()
         self.seconds = minutes * 60
-        self.started = self.epoch_started = 0.0
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self.started = time.perf_counter()
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.epoch_started = time.perf_counter()
+        self.started = self.last_end = started
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         now = time.perf_counter()
-        if now - self.started + (now - self.epoch_started) > self.seconds:
+        last_epoch, self.last_end = now - self.last_end, now
+        if now - self.started + last_epoch > self.seconds:
             log.info("train.time_limit_minutes reached after epoch %d (%.0f s)", epoch + 1, now - self.started)
             self.model.stop_training = True
 
@@ -376,6 +373,7 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
     if config.train.batch_size > len(images):
         raise ConfigError(f"train.batch_size: {config.train.batch_size} is larger than the {len(images)} "
                           f"training images; allowed values: <= {len(images)}")
+    started = time.perf_counter()
     device = configure_devices()  # before any model: TensorFlow fixes GPU memory settings at first use
     keras.utils.set_random_seed(config.seed + (state.epoch if state else 0))
     gan = build_gan(config, tuple(images.shape[1:]))
@@ -392,7 +390,7 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
     checkpointing = Checkpointing(config, state, fid, paths.CHECKPOINT, track)
     callbacks = [outputs, fid, DivergenceGuard(config, track), checkpointing]
     if config.train.time_limit_minutes is not None:
-        callbacks.insert(0, TimeLimit(config.train.time_limit_minutes))
+        callbacks.insert(0, TimeLimit(config.train.time_limit_minutes, started))
     if config.train.instance_noise:
         callbacks.append(InstanceNoiseSchedule(config.train.epochs))
     if verbose is None:
