@@ -5,7 +5,8 @@ import pytest
 
 from conftest import merge
 from pipeline.config import config_from_dict
-from pipeline.train import InstanceNoiseSchedule, build_gan, train_gan
+from pipeline import train as train_module
+from pipeline.train import InstanceNoiseSchedule, TimeLimit, build_gan, train_gan
 from test_train import classifier  # noqa: F401 (fixture)
 
 
@@ -82,3 +83,16 @@ def test_time_limit_stops_at_an_epoch_end_and_treats_it_as_the_last(tiny_params,
     assert fid_history["epoch"].tolist() == [1]  # evaluated although 1 is off the schedule
     assert read_state(paths.CHECKPOINT, fingerprint="").epoch == 1
     assert (tmp_path / paths.PROGRESS_GRIDS / "epoch_0001.png").exists()
+
+
+def test_time_limit_counts_from_the_start_of_training_and_expects_an_epoch_like_the_last(tiny_params, monkeypatch):
+    gan = build_gan(config_with(tiny_params), (28, 28, 1))
+    limit = TimeLimit(minutes=1.0, started=0.0)
+    limit.set_model(gan)
+    gan.stop_training = False
+    ends = iter([25.0, 45.0])  # epoch 1 ends 25 s after train_gan began (model building included), epoch 2 at 45 s
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(ends))
+    limit.on_epoch_end(0)
+    assert not gan.stop_training  # 25 s used, another 25 s epoch fits in 60
+    limit.on_epoch_end(1)
+    assert gan.stop_training  # 45 s used, and another 20 s epoch would end at 65
