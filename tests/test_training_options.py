@@ -5,7 +5,6 @@ import pytest
 
 from conftest import merge
 from pipeline.config import config_from_dict
-from pipeline import train as train_module
 from pipeline.train import InstanceNoiseSchedule, TimeLimit, build_gan, train_gan
 from test_train import classifier  # noqa: F401 (fixture)
 
@@ -91,7 +90,7 @@ def test_time_limit_counts_from_the_start_of_training_and_expects_an_epoch_like_
     limit.set_model(gan)
     gan.stop_training = False
     ends = iter([25.0, 45.0])  # epoch 1 ends 25 s after train_gan began (model building included), epoch 2 at 45 s
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(ends))
+    monkeypatch.setattr("pipeline.train.time.perf_counter", lambda: next(ends))
     limit.on_epoch_end(0)
     assert not gan.stop_training  # 25 s used, another 25 s epoch fits in 60
     limit.on_epoch_end(1)
