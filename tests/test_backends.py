@@ -128,10 +128,10 @@ def test_jax_takes_d_steps_discriminator_updates_and_fresh_noise_each_step(jax_r
     train = params_with(TRAIN_JOBS[name])["train"]
     d_steps, conditional = train["d_steps"], TRAIN_JOBS[name]["model"]["arch"] == "cdcgan"
     assert int(r["g_iterations"]) == EPOCHS * STEPS and int(r["d_iterations"]) == d_steps * EPOCHS * STEPS
-    # The noise RNG advanced once per draw (latent noise, fake labels, instance noise on the one
-    # discriminator call over real and fake), in every step: a state the jitted step did not hand
-    # on would draw the same noise each time.
-    draws = d_steps * (1 + conditional + (train["instance_noise"] > 0))
+    # The noise RNG advanced once per draw (latent noise, fake labels, instance noise on each of
+    # the discriminator's two calls, real and fake), in every step: a state the jitted step did
+    # not hand on would draw the same noise each time.
+    draws = d_steps * (1 + conditional + 2 * (train["instance_noise"] > 0))
     assert int(r["rng_after"][1] - r["rng_before"][1]) == EPOCHS * STEPS * draws
 
 
