@@ -14,6 +14,7 @@ import numpy as np
 from keras import layers
 
 from pipeline.config import ClassifierConfig, ModelConfig
+from pipeline.layers import BatchNormalization
 
 # The generator doubles the resolution twice (7 -> 14 -> 28 for MNIST, 8 -> 16 -> 32 for CIFAR-10).
 UPSAMPLINGS = 2
@@ -58,14 +59,14 @@ def _dcgan_generator(x, config: ModelConfig, image_shape: tuple[int, int, int]):
     dense_filters, *conv_filters = config.generator_filters
     # Biases before BatchNorm are cancelled by its mean subtraction, so none (TF tutorial).
     x = layers.Dense((height // scale) * (width // scale) * dense_filters, use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = BatchNormalization()(x)
     x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
     x = layers.Reshape((height // scale, width // scale, dense_filters))(x)
     for i, filters in enumerate(conv_filters):
         # Only the last hidden layer and the output layer upsample; earlier ones refine at low resolution.
         stride = 2 if i == len(conv_filters) - 1 else 1
         x = layers.Conv2DTranspose(filters, config.kernel_size, strides=stride, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
+        x = BatchNormalization()(x)
         x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
     return layers.Conv2DTranspose(channels, config.kernel_size, strides=2, padding="same", activation="tanh")(x)
 
@@ -82,7 +83,7 @@ def _mlp_generator(x, config: ModelConfig, image_shape: tuple[int, int, int]):
     for units in config.mlp_generator_units:
         x = layers.Dense(units)(x)
         x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
-        x = layers.BatchNormalization(momentum=config.mlp_batchnorm_momentum)(x)
+        x = BatchNormalization(momentum=config.mlp_batchnorm_momentum)(x)
     x = layers.Dense(math.prod(image_shape), activation="tanh")(x)
     return layers.Reshape(image_shape)(x)
 

@@ -1,4 +1,7 @@
-"""The gradient step on TensorFlow: gradient tapes over GAN's shared losses; Keras traces it into a tf.function."""
+"""The gradient step on TensorFlow: gradient tapes over GAN's shared losses; Keras traces it into a tf.function.
+
+Also the TensorFlow kernels that pipeline/layers.py trains its layers with.
+"""
 
 from __future__ import annotations
 
@@ -30,3 +33,27 @@ def dense(grads: list) -> list:
     not the square of the sum. Dense, the update is Adam's, the same as on JAX.
     """
     return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+
+
+def fused_batch_norm(layer, inputs, mask=None):
+    """Returns training-mode batch norm of `inputs` by TensorFlow's fused kernel, updating `layer`'s
+    moving statistics as Keras does; None where that kernel does not apply (Keras' ops then run).
+    """
+    rank = len(inputs.shape)
+    if (mask is not None or rank not in (2, 4) or layer.axis not in (-1, rank - 1) or layer.synchronized
+            or not (layer.scale and layer.center) or layer.epsilon < 1.001e-5):  # the kernel's smallest epsilon
+        return None
+    channels = inputs.shape[-1]
+    # (batch, features) as (batch, 1, 1, features): statistics per feature, as Keras computes them.
+    x = inputs if rank == 4 else tf.reshape(inputs, (-1, 1, 1, channels))
+    # bfloat16 or float16 activations in, float32 statistics: no float32 copy of the activations.
+    y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, layer.gamma.value, layer.beta.value,
+                                                         epsilon=layer.epsilon, is_training=True)
+    # The kernel hands back the variance with Bessel's correction; Keras' moving variance averages the biased one.
+    count = tf.cast(tf.size(x) // channels, variance.dtype)
+    variance = variance * (count - 1.0) / count
+    momentum = layer.momentum
+    layer.moving_mean.assign(layer.moving_mean * momentum + mean * (1.0 - momentum))
+    layer.moving_variance.assign(layer.moving_variance * momentum + variance * (1.0 - momentum))
+    y = tf.cast(y, layer.compute_dtype)
+    return y if rank == 4 else tf.reshape(y, tf.shape(inputs))
