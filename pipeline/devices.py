@@ -7,7 +7,7 @@ from pathlib import Path
 
 import keras
 
-from pipeline.layers import keras_class
+from pipeline.fused import keras_class
 
 # CPU flags of native bfloat16 matrix units (Intel AMX, AVX512-BF16); without them bfloat16 is emulated and slower.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")

@@ -14,7 +14,7 @@ import numpy as np
 from keras import layers
 
 from pipeline.config import ClassifierConfig, ModelConfig
-from pipeline.layers import BatchNormalization
+from pipeline.fused import BatchNormalization, Conv2D, Conv2DTranspose
 
 # The generator doubles the resolution twice (7 -> 14 -> 28 for MNIST, 8 -> 16 -> 32 for CIFAR-10).
 UPSAMPLINGS = 2
@@ -65,15 +65,15 @@ def _dcgan_generator(x, config: ModelConfig, image_shape: tuple[int, int, int]):
     for i, filters in enumerate(conv_filters):
         # Only the last hidden layer and the output layer upsample; earlier ones refine at low resolution.
         stride = 2 if i == len(conv_filters) - 1 else 1
-        x = layers.Conv2DTranspose(filters, config.kernel_size, strides=stride, padding="same", use_bias=False)(x)
+        x = Conv2DTranspose(filters, config.kernel_size, strides=stride, padding="same", use_bias=False)(x)
         x = BatchNormalization()(x)
         x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
-    return layers.Conv2DTranspose(channels, config.kernel_size, strides=2, padding="same", activation="tanh")(x)
+    return Conv2DTranspose(channels, config.kernel_size, strides=2, padding="same", activation="tanh")(x)
 
 
 def _dcgan_discriminator(x, config: ModelConfig):
     for filters in config.discriminator_filters:
-        x = layers.Conv2D(filters, config.kernel_size, strides=2, padding="same")(x)
+        x = Conv2D(filters, config.kernel_size, strides=2, padding="same")(x)
         x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
         x = layers.Dropout(config.dropout)(x)
     return layers.Dense(1)(layers.Flatten()(x))  # a logit: the loss applies the sigmoid, more stably

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from keras import ops
 
-from pipeline import metrics, paths, steps, tracking
+from pipeline import fused, metrics, paths, steps, tracking
 from pipeline.checkpoint import TrainState, read_state, restore_checkpoint, save_checkpoint, training_fingerprint
 from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.devices import configure_devices, dtype_policy, float32_copy, precision
@@ -156,8 +156,8 @@ def build_gan(config: Config, image_shape: tuple[int, int, int]) -> GAN:
     with precision(dtype_policy(t.mixed_precision)):
         gan = GAN(build_generator(config.model, t.latent_dim, image_shape),
                   build_discriminator(config.model, image_shape), t, config.seed)
-    gan.compile(d_optimizer=keras.optimizers.Adam(t.lr, beta_1=t.beta_1),
-                g_optimizer=keras.optimizers.Adam(t.lr, beta_1=t.beta_1, use_ema=t.ema > 0, ema_momentum=t.ema))
+    gan.compile(d_optimizer=fused.Adam(t.lr, beta_1=t.beta_1),
+                g_optimizer=fused.Adam(t.lr, beta_1=t.beta_1, use_ema=t.ema > 0, ema_momentum=t.ema))
     # JAX without jit runs op by op, many times slower: there the step is always compiled.
     gan.jit_compile = t.jit_compile or keras.backend.backend() == "jax"
     return gan

@@ -1,0 +1,88 @@
+"""Keras' BatchNormalization, Conv2D, Conv2DTranspose and Adam, trained by faster TensorFlow kernels.
+
+On TensorFlow (pipeline/steps/tensorflow.py has the kernels; benchmarks/RESULTS.md the figures):
+- BatchNormalization trains through the fused batch-norm kernel (oneDNN's on CPU), which reads
+  the activations twice, where Keras 3 composes a dozen float32 elementwise ops: 1.13-1.18x.
+- Conv2D and Conv2DTranspose, on CPU, compute their kernel's gradient as a forward convolution
+  of the input with the output's gradient: oneDNN's backward-weights convolution runs at about
+  a third of its forward speed on these CPUs. 1.1x at batch 64.
+- Adam updates each variable with the one fused ApplyAdam kernel, Keras' formula unchanged.
+Elsewhere (JAX, whose XLA fuses the same ops itself; inference; settings those kernels do not
+cover) they are Keras' own, and results are the same up to float rounding either way.
+
+Saved models hold Keras' own classes (`keras_class`, used by pipeline.devices.float32_copy), so
+loading one needs nothing from this project.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+
+def _tensorflow():
+    """Returns pipeline.steps.tensorflow when Keras runs on TensorFlow, else None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from pipeline.steps import tensorflow
+
+    return tensorflow
+
+
+def _cpu_kernel_gradient(layer) -> bool:
+    """Returns whether `layer`'s kernel gradient can be taken as a forward convolution here."""
+    tf_step = _tensorflow()
+    kernel, strides = layer.kernel_size, layer.strides
+    return (tf_step is not None and not tf_step.gpu_visible() and layer.padding == "same"
+            and layer.data_format == "channels_last" and tuple(layer.dilation_rate) == (1, 1)
+            and kernel[0] == kernel[1] and strides[0] == strides[1] and kernel[0] >= strides[0])
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class BatchNormalization(layers.BatchNormalization):
+    """Keras' BatchNormalization, trained through TensorFlow's fused kernel where it applies."""
+
+    def call(self, inputs, training=None, mask=None):
+        tf_step = _tensorflow()
+        if training and self.trainable and tf_step is not None:
+            outputs = tf_step.fused_batch_norm(self, inputs, mask)
+            if outputs is not None:
+                return outputs
+        return super().call(inputs, training=training, mask=mask)
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class Conv2D(layers.Conv2D):
+    """Keras' Conv2D; on TensorFlow's CPU its kernel gradient is a forward convolution."""
+
+    def convolution_op(self, inputs, kernel):
+        if self.groups == 1 and _cpu_kernel_gradient(self):
+            return _tensorflow().conv2d(inputs, kernel, self.strides[0])
+        return super().convolution_op(inputs, kernel)
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class Conv2DTranspose(layers.Conv2DTranspose):
+    """Keras' Conv2DTranspose; on TensorFlow's CPU its kernel gradient is a forward convolution."""
+
+    def call(self, inputs):
+        if self.output_padding is not None or not _cpu_kernel_gradient(self):
+            return super().call(inputs)
+        outputs = _tensorflow().conv2d_transpose(inputs, self.kernel, self.strides[0])
+        if self.use_bias:
+            outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, self.filters)))
+        return self.activation(outputs) if self.activation is not None else outputs
+
+
+class Adam(keras.optimizers.Adam):
+    """Keras' Adam; on TensorFlow each dense update is the one fused ApplyAdam kernel."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        tf_step = _tensorflow()
+        if tf_step is None or self.amsgrad or not tf_step.adam_update(self, gradient, variable, learning_rate):
+            super().update_step(gradient, variable, learning_rate)
+
+
+def keras_class(layer: keras.layers.Layer) -> type:
+    """Returns the Keras class that `layer` is, or that this module's class of it extends."""
+    return next(cls for cls in type(layer).__mro__ if cls.__module__.startswith("keras."))
