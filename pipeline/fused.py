@@ -3,9 +3,9 @@
 On TensorFlow (pipeline/steps/tensorflow.py has the kernels; benchmarks/RESULTS.md the figures):
 - BatchNormalization trains through the fused batch-norm kernel (oneDNN's on CPU), which reads
   the activations twice, where Keras 3 composes a dozen float32 elementwise ops: 1.13-1.18x.
-- Conv2D and Conv2DTranspose, on CPU, compute their kernel's gradient as a forward convolution
-  of the input with the output's gradient: oneDNN's backward-weights convolution runs at about
-  a third of its forward speed on these CPUs. 1.1x at batch 64.
+- Conv2D and Conv2DTranspose, on CPU in bfloat16, compute their kernel's gradient as a forward
+  convolution of the input with the output's gradient: oneDNN's backward-weights convolution
+  runs at about a third of its forward speed on these CPUs' AMX units. 1.1x at batch 64.
 - Adam updates each variable with the one fused ApplyAdam kernel, Keras' formula unchanged.
 Elsewhere (JAX, whose XLA fuses the same ops itself; inference; settings those kernels do not
 cover) they are Keras' own, and results are the same up to float rounding either way.
@@ -30,10 +30,13 @@ def _tensorflow():
 
 
 def _cpu_kernel_gradient(layer) -> bool:
-    """Returns whether `layer`'s kernel gradient can be taken as a forward convolution here."""
+    """Returns whether `layer`'s kernel gradient is taken as a forward convolution: on TensorFlow's
+    CPU in bfloat16, where it was measured faster (in float32, oneDNN's own kernel is as fast).
+    """
     tf_step = _tensorflow()
     kernel, strides = layer.kernel_size, layer.strides
-    return (tf_step is not None and not tf_step.gpu_visible() and layer.padding == "same"
+    return (tf_step is not None and not tf_step.gpu_visible() and layer.compute_dtype == "bfloat16"
+            and layer.padding == "same"
             and layer.data_format == "channels_last" and tuple(layer.dilation_rate) == (1, 1)
             and kernel[0] == kernel[1] and strides[0] == strides[1] and kernel[0] >= strides[0])
 
@@ -53,7 +56,7 @@ class BatchNormalization(layers.BatchNormalization):
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class Conv2D(layers.Conv2D):
-    """Keras' Conv2D; on TensorFlow's CPU its kernel gradient is a forward convolution."""
+    """Keras' Conv2D; on TensorFlow's CPU in bfloat16 its kernel gradient is a forward convolution."""
 
     def convolution_op(self, inputs, kernel):
         if self.groups == 1 and _cpu_kernel_gradient(self):
@@ -63,7 +66,7 @@ class Conv2D(layers.Conv2D):
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class Conv2DTranspose(layers.Conv2DTranspose):
-    """Keras' Conv2DTranspose; on TensorFlow's CPU its kernel gradient is a forward convolution."""
+    """Keras' Conv2DTranspose; on TensorFlow's CPU in bfloat16 its kernel gradient is a forward convolution."""
 
     def call(self, inputs):
         if self.output_padding is not None or not _cpu_kernel_gradient(self):

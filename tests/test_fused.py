@@ -69,10 +69,22 @@ def conv_gradients(layer, x):
     x = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = layer(x)
+        y = tf.cast(layer(x), tf.float32)
         loss = tf.reduce_sum(y * tf.sin(y))
     dx, dkernel = tape.gradient(loss, [x, layer.kernel])
     return y.numpy(), dx.numpy(), dkernel.numpy()
+
+
+def twin_convolutions(name, filters, size, stride, shape, policy):
+    """Returns this module's convolution layer and Keras' own, built with the same weights."""
+    with precision(policy):
+        ours = getattr(fused, name)(filters, size, strides=stride, padding="same")
+        theirs = getattr(keras.layers, name)(filters, size, strides=stride, padding="same")
+    for layer in (ours, theirs):
+        layer.build(shape)
+    theirs.set_weights([np.random.default_rng(2).normal(size=w.shape).astype(np.float32) for w in theirs.get_weights()])
+    ours.set_weights(theirs.get_weights())
+    return ours, theirs
 
 
 CONVS = [("Conv2D", 64, 5, 2, (4, 28, 28, 1)), ("Conv2D", 16, 5, 2, (4, 14, 14, 8)), ("Conv2D", 8, 3, 2, (4, 7, 7, 3)),
@@ -81,31 +93,58 @@ CONVS = [("Conv2D", 64, 5, 2, (4, 28, 28, 1)), ("Conv2D", 16, 5, 2, (4, 14, 14, 
 
 
 @pytest.mark.parametrize(("name", "filters", "size", "stride", "shape"), CONVS)
-def test_convolutions_train_like_keras_own(name, filters, size, stride, shape):
-    ours = getattr(fused, name)(filters, size, strides=stride, padding="same")
-    theirs = getattr(keras.layers, name)(filters, size, strides=stride, padding="same")
-    for layer in (ours, theirs):
-        layer.build(shape)
-    theirs.set_weights([np.random.default_rng(2).normal(size=w.shape).astype(np.float32) for w in theirs.get_weights()])
-    ours.set_weights(theirs.get_weights())
-    x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
-    for what, a, b in zip(["outputs", "d_inputs", "d_kernel"], conv_gradients(ours, x), conv_gradients(theirs, x)):
+def test_kernel_gradients_as_forward_convolutions_equal_tensorflows_own(name, filters, size, stride, shape):
+    from pipeline.steps import tensorflow as tf_step
+
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=shape).astype(np.float32))
+    layer = getattr(keras.layers, name)(filters, size, strides=stride, padding="same", use_bias=False)
+    layer.build(shape)
+    kernel = tf.constant(rng.normal(size=layer.kernel.shape).astype(np.float32))
+    ours = {"Conv2D": tf_step.conv2d, "Conv2DTranspose": tf_step.conv2d_transpose}[name]
+    theirs = {"Conv2D": keras.ops.conv, "Conv2DTranspose": keras.ops.conv_transpose}[name]
+    results = []
+    for op in (lambda: ours(x, kernel, stride), lambda: theirs(x, kernel, strides=stride, padding="same")):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            y = op()
+            loss = tf.reduce_sum(y * tf.sin(y))
+        results.append([y.numpy(), *(g.numpy() for g in tape.gradient(loss, [x, kernel]))])
+    for what, a, b in zip(["outputs", "d_inputs", "d_kernel"], *results):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=what)
 
 
-@pytest.mark.parametrize("name", ["Conv2D", "Conv2DTranspose"])
-def test_convolution_kernel_gradients_are_forward_convolutions_on_cpu(name):
-    layer = getattr(fused, name)(8, 5, strides=2, padding="same")
-    layer.build((4, 14, 14, 8))
+@pytest.mark.parametrize(("name", "filters", "size", "stride", "shape"), [CONVS[1], CONVS[4]])
+def test_bfloat16_convolutions_train_like_keras_own(name, filters, size, stride, shape):
+    ours, theirs = twin_convolutions(name, filters, size, stride, shape, "mixed_bfloat16")
+    x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    for what, a, b in zip(["outputs", "d_inputs", "d_kernel"], conv_gradients(ours, x), conv_gradients(theirs, x)):
+        np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02 * np.abs(b).max(), err_msg=what)  # bfloat16 rounding
+
+
+def kernel_gradient_ops(layer, shape) -> set[str]:
+    """Returns the op types of the traced graph that takes `layer`'s kernel gradient."""
 
     def kernel_gradient(x):
         with tf.GradientTape() as tape:
             y = layer(x)
         return tape.gradient(y, layer.kernel)
 
-    graph = tf.function(kernel_gradient).get_concrete_function(tf.TensorSpec((4, 14, 14, 8))).graph
-    types = {op.type for op in graph.get_operations()}
+    graph = tf.function(kernel_gradient).get_concrete_function(tf.TensorSpec(shape)).graph
+    return {op.type for op in graph.get_operations()}
+
+
+@pytest.mark.parametrize("name", ["Conv2D", "Conv2DTranspose"])
+def test_bfloat16_kernel_gradients_are_forward_convolutions_on_cpu(name):
+    ours, _ = twin_convolutions(name, 8, 5, 2, (4, 14, 14, 8), "mixed_bfloat16")
+    types = kernel_gradient_ops(ours, (4, 14, 14, 8))
     assert "Conv2DBackpropFilter" not in types and "Conv2D" in types
+
+
+@pytest.mark.parametrize("name", ["Conv2D", "Conv2DTranspose"])
+def test_float32_kernel_gradients_keep_tensorflows_own_kernel(name):
+    ours, _ = twin_convolutions(name, 8, 5, 2, (4, 14, 14, 8), "float32")
+    assert "Conv2DBackpropFilter" in kernel_gradient_ops(ours, (4, 14, 14, 8))
 
 
 def adam_trajectory(optimizer_class, **kwargs) -> list[np.ndarray]:
