@@ -33,9 +33,10 @@ def _cpu_kernel_gradient(layer) -> bool:
     """Returns whether `layer`'s kernel gradient is taken as a forward convolution: on TensorFlow's
     CPU in bfloat16, where it was measured faster (in float32, oneDNN's own kernel is as fast).
     """
-    tf_step = _tensorflow()
+    from pipeline.devices import gpu_count  # devices imports this module: imported here, not at the top
+
     kernel, strides = layer.kernel_size, layer.strides
-    return (tf_step is not None and not tf_step.gpu_visible() and layer.compute_dtype == "bfloat16"
+    return (_tensorflow() is not None and not gpu_count() and layer.compute_dtype == "bfloat16"
             and layer.padding == "same"
             and layer.data_format == "channels_last" and tuple(layer.dilation_rate) == (1, 1)
             and kernel[0] == kernel[1] and strides[0] == strides[1] and kernel[0] >= strides[0])

@@ -5,8 +5,6 @@ Also the TensorFlow kernels that pipeline/fused.py trains its layers and Adam wi
 
 from __future__ import annotations
 
-import functools
-
 import keras
 import tensorflow as tf
 
@@ -60,12 +58,6 @@ def fused_batch_norm(layer, inputs, mask=None):
     layer.moving_variance.assign(layer.moving_variance * momentum + variance * (1.0 - momentum))
     y = tf.cast(y, layer.compute_dtype)
     return y if rank == 4 else tf.reshape(y, tf.shape(inputs))
-
-
-@functools.cache
-def gpu_visible() -> bool:
-    """Returns whether TensorFlow sees a GPU (whose cuDNN has fast kernel gradients of its own)."""
-    return bool(tf.config.list_logical_devices("GPU"))
 
 
 def conv2d(x, kernel, stride: int):
