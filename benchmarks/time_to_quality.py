@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.reference import train_for  # noqa: E402
-from pipeline import paths  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import normalize_dataset  # noqa: E402
 from pipeline.evaluate import evaluate_generator, feature_extractor, train_classifier  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
+from pipeline.paths import TrainOutputs  # noqa: E402
 from pipeline.train import train_gan  # noqa: E402
 
 
@@ -65,11 +65,11 @@ def main() -> None:
     reference_seconds = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as folder:
-        os.chdir(folder)
+        outputs = TrainOutputs(Path(folder))
         start = time.perf_counter()
-        gan, history, fid_history = train_gan(ours_config, *train, classifier, verbose=0)
+        gan, history, fid_history = train_gan(ours_config, *train, classifier, outputs, verbose=0)
         ours_seconds = time.perf_counter() - start
-        ours = load_model(paths.generator_path(config.generator)) if config.generator == "best" else gan.generator
+        ours = load_model(outputs.generator_best) if config.generator == "best" else gan.generator
 
     scores = {name: evaluate_generator(config, generator, extractor, train, holdout)
               for name, generator in (("reference (tuned)", reference), ("ours", ours))}

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.real_data import real_images  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.models import build_classifier  # noqa: E402
+from pipeline.paths import TrainOutputs  # noqa: E402
 from pipeline.train import train_gan  # noqa: E402
 
 
@@ -41,9 +42,8 @@ def main() -> None:
     images, labels = images[:args.images], labels[:args.images]
     classifier = build_classifier(config.classifier, images.shape[1:])  # untrained: memory, not quality
     with tempfile.TemporaryDirectory() as folder:
-        os.chdir(folder)  # the run's outputs go to a scratch folder
         start = time.perf_counter()
-        train_gan(config, images, labels, classifier, verbose=0)
+        train_gan(config, images, labels, classifier, TrainOutputs(Path(folder)), verbose=0)  # outputs: scratch
         seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"images: {len(images)} ({source}), {args.epochs} epoch(s) in {seconds:.0f} s, "

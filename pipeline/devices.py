@@ -7,8 +7,6 @@ from pathlib import Path
 
 import keras
 
-from pipeline.fused import keras_class
-
 # CPU flags of native bfloat16 matrix units (Intel AMX, AVX512-BF16); without them bfloat16 is emulated and slower.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
@@ -70,13 +68,3 @@ def precision(policy: str):
     finally:
         keras.config.set_dtype_policy(previous)
 
-
-def float32_copy(model: keras.Model) -> keras.Model:
-    """Returns a copy of `model` in float32 with the same weights and Keras' own layer classes: what is saved."""
-
-    def clone(layer):
-        return keras_class(layer).from_config({**layer.get_config(), "dtype": "float32"})
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy

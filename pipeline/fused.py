@@ -1,6 +1,6 @@
 """Keras' BatchNormalization, Conv2D, Conv2DTranspose and Adam, trained by faster TensorFlow kernels.
 
-On TensorFlow (pipeline/steps/tensorflow.py has the kernels; benchmarks/RESULTS.md the figures):
+On TensorFlow (pipeline/tf_kernels.py has the kernels; benchmarks/RESULTS.md the figures):
 - BatchNormalization trains through the fused batch-norm kernel (oneDNN's on CPU), which reads
   the activations twice, where Keras 3 composes a dozen float32 elementwise ops: 1.13-1.18x.
 - Conv2D and Conv2DTranspose, on CPU in bfloat16, compute their kernel's gradient as a forward
@@ -10,8 +10,7 @@ On TensorFlow (pipeline/steps/tensorflow.py has the kernels; benchmarks/RESULTS.
 Elsewhere (JAX, whose XLA fuses the same ops itself; inference; settings those kernels do not
 cover) they are Keras' own, and results are the same up to float rounding either way.
 
-Saved models hold Keras' own classes (`keras_class`, used by pipeline.devices.float32_copy), so
-loading one needs nothing from this project.
+Saved models hold Keras' own classes (`float32_copy`), so loading one needs nothing from this project.
 """
 
 from __future__ import annotations
@@ -19,24 +18,24 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from pipeline import devices
+
 
 def _tensorflow():
-    """Returns pipeline.steps.tensorflow when Keras runs on TensorFlow, else None."""
+    """Returns pipeline.tf_kernels when Keras runs on TensorFlow, else None (it imports TensorFlow)."""
     if keras.backend.backend() != "tensorflow":
         return None
-    from pipeline.steps import tensorflow
+    from pipeline import tf_kernels
 
-    return tensorflow
+    return tf_kernels
 
 
 def _cpu_kernel_gradient(layer) -> bool:
     """Returns whether `layer`'s kernel gradient is taken as a forward convolution: on TensorFlow's
     CPU in bfloat16, where it was measured faster (in float32, oneDNN's own kernel is as fast).
     """
-    from pipeline.devices import gpu_count  # devices imports this module: imported here, not at the top
-
     kernel, strides = layer.kernel_size, layer.strides
-    return (_tensorflow() is not None and not gpu_count() and layer.compute_dtype == "bfloat16"
+    return (_tensorflow() is not None and not devices.gpu_count() and layer.compute_dtype == "bfloat16"
             and layer.padding == "same"
             and layer.data_format == "channels_last" and tuple(layer.dilation_rate) == (1, 1)
             and kernel[0] == kernel[1] and strides[0] == strides[1] and kernel[0] >= strides[0])
@@ -47,9 +46,9 @@ class BatchNormalization(layers.BatchNormalization):
     """Keras' BatchNormalization, trained through TensorFlow's fused kernel where it applies."""
 
     def call(self, inputs, training=None, mask=None):
-        tf_step = _tensorflow()
-        if training and self.trainable and tf_step is not None:
-            outputs = tf_step.fused_batch_norm(self, inputs, mask)
+        kernels = _tensorflow()
+        if training and self.trainable and kernels is not None:
+            outputs = kernels.fused_batch_norm(self, inputs, mask)
             if outputs is not None:
                 return outputs
         return super().call(inputs, training=training, mask=mask)
@@ -82,11 +81,22 @@ class Adam(keras.optimizers.Adam):
     """Keras' Adam; on TensorFlow each dense update is the one fused ApplyAdam kernel."""
 
     def update_step(self, gradient, variable, learning_rate):
-        tf_step = _tensorflow()
-        if tf_step is None or self.amsgrad or not tf_step.adam_update(self, gradient, variable, learning_rate):
+        kernels = _tensorflow()
+        if kernels is None or self.amsgrad or not kernels.adam_update(self, gradient, variable, learning_rate):
             super().update_step(gradient, variable, learning_rate)
 
 
 def keras_class(layer: keras.layers.Layer) -> type:
     """Returns the Keras class that `layer` is, or that this module's class of it extends."""
     return next(cls for cls in type(layer).__mro__ if cls.__module__.startswith("keras."))
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """Returns a copy of `model` in float32 with the same weights and Keras' own layer classes: what is saved."""
+
+    def clone(layer):
+        return keras_class(layer).from_config({**layer.get_config(), "dtype": "float32"})
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -1,5 +1,6 @@
 """Every file the pipeline reads or writes, relative to the project root; dvc.yaml declares the same."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 RAW_ROOT = Path("data/raw")  # + <dataset>/
@@ -14,7 +15,6 @@ GENERATOR_BEST = MODELS / "generator_best.keras"
 DISCRIMINATOR = MODELS / "discriminator.keras"
 CHECKPOINT = MODELS / "checkpoints" / "checkpoint.npz"
 CLASSIFIER = MODELS / "classifier.keras"
-MLFLOW_RUN = MODELS / "mlflow_run.json"
 
 TRAIN_REPORTS = Path("reports/train")
 HISTORY = TRAIN_REPORTS / "history.csv"
@@ -41,3 +41,42 @@ def raw_dir(dataset: str) -> Path:
 def generator_path(choice: str) -> Path:
     """Returns the saved generator that `generator: best|last` in params.yaml names."""
     return GENERATOR_BEST if choice == "best" else GENERATOR
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where training writes: the train stage's outputs, under `root` (the project root by default)."""
+
+    root: Path = Path()
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / CHECKPOINT
+
+    @property
+    def history(self) -> Path:
+        return self.root / HISTORY
+
+    @property
+    def fid_history(self) -> Path:
+        return self.root / FID_HISTORY
+
+    @property
+    def grids(self) -> Path:
+        return self.root / PROGRESS_GRIDS
+
+    @property
+    def generator(self) -> Path:
+        return self.root / GENERATOR
+
+    @property
+    def generator_best(self) -> Path:
+        return self.root / GENERATOR_BEST
+
+    @property
+    def discriminator(self) -> Path:
+        return self.root / DISCRIMINATOR
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / TRAIN_METRICS

@@ -1,8 +1,13 @@
-"""MLflow behind one small module: where the store is, one run per pipeline execution, its tags.
+"""MLflow behind one small module: the only one that calls it.
 
-Metric logging survives tracking-server outages: values that cannot be sent wait in a bounded
-in-memory buffer and are sent, in order and exactly once, when the server answers again and,
-at the latest, when the run's `with` block ends.
+Its surface: `start_run` (train) and `resume_run` (the stages after it) give a `TrackedRun`;
+the run's `epoch_logger()` is the Keras callback that logs training's checkpointed epochs and
+its warnings; `log_training`, `log_samples` and `log_evaluation` log each stage's artifacts,
+metrics and models.
+
+Metric logging survives tracking-server outages: each run owns a `MetricBuffer`, where values
+that cannot be sent wait (bounded) and are sent, in order and exactly once, when the server
+answers again and, at the latest, when the run's `with` block ends.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+import keras
 import mlflow
 import yaml
 from mlflow.environment_variables import (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES,
@@ -31,6 +36,11 @@ from mlflow.exceptions import MlflowException
 from pipeline.config import Config, to_flat_dict
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
+from pipeline.models import balanced_labels, fixed_noise, generate, is_conditional, load_model
+
+if TYPE_CHECKING:
+    from pipeline.checkpoint import TrainState
+    from pipeline.paths import TrainOutputs
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,8 @@ RETRY_INTERVAL_S = 5.0
 RETRY_MAX_S = 60.0
 # How long the end of a run waits for the server to take the buffered metrics.
 FLUSH_TIMEOUT_S = 30.0
+# The train stage's run id, for the stages after it that log into the same run.
+RUN_FILE = Path("models/mlflow_run.json")
 
 
 class TrackingUnavailable(PipelineError):
@@ -77,15 +89,40 @@ def masked(text: str) -> str:
 
 
 class TrackedRun(mlflow.ActiveRun):
-    """An active MLflow run whose `with` block sends the buffered metrics before it ends the run."""
+    """An active MLflow run that owns its metric buffer; its `with` block sends the buffer before it ends the run."""
+
+    def __init__(self, run: mlflow.ActiveRun):
+        super().__init__(run)
+        self.buffer = MetricBuffer(tracking_uri())
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
+                    timestamp_ms: int | None = None) -> None:
+        """Logs the numeric values of `metrics` (others skipped) to this run; never waits on a dead server.
+
+        Values the store does not take now wait in the buffer. A caller that may log the same
+        values again (e.g. after a crash) can pass their first `timestamp_ms`: the SQL stores then
+        keep one copy.
+        """
+        numeric = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        timestamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+        self.buffer.add(_Value(self.info.run_id, step, timestamp, k, v) for k, v in numeric.items())
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Sets `tags` on this run."""
+        mlflow.set_tags(dict(tags))
+
+    def epoch_logger(self) -> EpochLogger:
+        """Returns the Keras callback that logs train_gan's checkpointed epochs and warnings to this run."""
+        return EpochLogger(self)
 
     def __exit__(self, exc_type, exc_val, exc_tb):
-        unsent = flush(FLUSH_TIMEOUT_S)
+        unsent = self.buffer.flush(FLUSH_TIMEOUT_S)
         if not unsent:
             return super().__exit__(exc_type, exc_val, exc_tb)
         log.error("%d metric values never reached the MLflow tracking store %s and are lost",
-                  unsent, masked(tracking_uri()))
-        discard_pending()
+                  unsent, masked(self.buffer.uri))
+        self.buffer.discard()
         # The store is down: ending the run with MLflow's own retries would add minutes.
         try:
             return _reach(tracking_uri(), lambda: super(TrackedRun, self).__exit__(exc_type, exc_val, exc_tb))
@@ -96,7 +133,38 @@ class TrackedRun(mlflow.ActiveRun):
             return False
 
 
-def start_run(config: Config, manifest: Mapping[str, Any], run_file: Path,
+class EpochLogger(keras.callbacks.Callback):
+    """Logs each epoch's metrics to a run once a checkpoint holds the epoch; training's warnings become tags.
+
+    Each epoch is stamped with the time the checkpoint first recorded for it: a resumed run that
+    logs it again (a crash came between checkpoint and logging) sends the same values with the
+    same stamp, which MLflow's SQL stores keep once, so no epoch is lost or doubled.
+    """
+
+    def __init__(self, run: TrackedRun):
+        super().__init__()
+        self.run = run
+        self.logged_epoch = 0  # by this process
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        """Logs every epoch of `state` that this process has not logged, with the FID of the epochs that have one."""
+        fid_rows = {row["epoch"]: row for row in state.fid_history}
+        for row in state.history:
+            epoch = row["epoch"]
+            if not self.logged_epoch < epoch <= state.epoch:
+                continue
+            values = {k: v for k, v in row.items() if k != "epoch"}
+            if epoch in fid_rows:
+                values.update(train_fid=fid_rows[epoch]["fid"], train_kid=fid_rows[epoch]["kid"])
+            self.run.log_metrics(values, step=epoch, timestamp_ms=state.log_times[str(epoch)])
+        self.logged_epoch = state.epoch
+
+    def on_warning(self, name: str, message: str) -> None:
+        """Tags the run with `warning.<name>`."""
+        self.run.set_tags({f"warning.{name}": message})
+
+
+def start_run(config: Config, manifest: Mapping[str, Any], run_file: Path = RUN_FILE,
               resume_run_id: str | None = None) -> TrackedRun:
     """Returns the active run, its params and tags logged, its id in `run_file`.
 
@@ -138,7 +206,7 @@ def experiment_id(name: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
-def resume_run(run_file: Path) -> TrackedRun:
+def resume_run(run_file: Path = RUN_FILE) -> TrackedRun:
     """Returns the run that the train stage opened, re-activated so later stages log into it.
 
     Raises TrackingUnavailable within seconds if the store does not answer.
@@ -205,6 +273,58 @@ def _log_resumed_params(run: mlflow.entities.Run, params: Mapping[str, Any]) -> 
     if changed:
         log.info("resumed run %s with changed params %s", run.info.run_id, changed)
         mlflow.set_tags({f"resumed.{k}": v for k, v in changed.items()})
+
+
+def log_training(run: TrackedRun, config: Config, summary: Mapping[str, float], outputs: TrainOutputs) -> None:
+    """Logs the train stage's results to `run`: summary metrics, history tables, grids, both generators."""
+    run.log_metrics({k: summary[k] for k in ("best_epoch", "best_fid", "last_fid")})
+    mlflow.log_artifact(str(outputs.history), artifact_path="train")
+    mlflow.log_artifact(str(outputs.fid_history), artifact_path="train")
+    mlflow.log_artifacts(str(outputs.grids), artifact_path="train/grids")
+    for path, name in ((outputs.generator, "generator"), (outputs.generator_best, "generator_best")):
+        log_generator(load_model(path), name, config.train.latent_dim, config.seed)
+
+
+def log_samples(run: TrackedRun, *images: Path) -> None:
+    """Logs the sample stage's pictures to `run`, under samples/."""
+    for path in images:
+        mlflow.log_artifact(str(path), artifact_path="samples")
+
+
+def log_evaluation(run: TrackedRun, results: Mapping[str, float], metrics_file: Path, report: Path) -> None:
+    """Logs the evaluate stage's metrics, its file and report, and the DVC outputs' hashes as tags to `run`."""
+    run.log_metrics(results)
+    run.set_tags(dvc_stage_tags())
+    mlflow.log_artifact(str(metrics_file), artifact_path="metrics")
+    mlflow.log_artifact(str(report), artifact_path="report")
+
+
+class _KerasFlavor:
+    """mlflow.keras, except that the model folder exists before the input example is written into it.
+
+    mlflow.keras.save_model (MLflow 3.17) writes input_example.json before creating its folder, so
+    mlflow.keras.log_model with an input example fails; this shim creates the folder first.
+    """
+
+    __name__ = "mlflow.keras"
+
+    @staticmethod
+    def save_model(path: str, **kwargs) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+
+def log_generator(generator: keras.Model, name: str, latent_dim: int, seed: int) -> None:
+    """Logs the generator to the active MLflow run as a Keras model with signature and input example."""
+    from mlflow.models import Model, infer_signature
+
+    noise = fixed_noise(seed, 2, latent_dim)
+    example = {"noise": noise, "label": balanced_labels(2)[:, None]} if is_conditional(generator) else noise
+    signature = infer_signature(example, generate(generator, noise))
+    Model.log(artifact_path=None, name=name, flavor=_KerasFlavor, model=generator,
+              signature=signature, input_example=example,
+              # The backend it was trained on, by its PyPI name: tensorflow or jax (which brings jaxlib).
+              pip_requirements=[f"keras=={keras.__version__}", keras.backend.backend()])
 
 
 def run_tags(manifest: Mapping[str, Any]) -> dict[str, str]:
@@ -277,136 +397,126 @@ class _Value(NamedTuple):
     value: float
 
 
-@dataclass
-class _Buffer:
-    values: deque[_Value] = field(default_factory=deque)
-    failures: int = 0  # consecutive failed sends
-    retry_at: float = 0.0  # time.monotonic() of the next send
-    outage_started: float | None = None
-    dropped: int = 0  # in the current outage
+class MetricBuffer:
+    """Metric values on their way to the tracking store at `uri`: sent at once while it answers;
+    while it does not, kept in memory (at most METRIC_BUFFER_LIMIT, the oldest dropped beyond)
+    and sent in order, exactly once, by a later `add` or `flush`.
 
-
-_buffer = _Buffer()
-_lock = threading.Lock()  # Keras callbacks log from one thread, but flush() may come from another
-
-
-def log_metrics(metrics: Mapping[str, float], step: int | None = None, timestamp_ms: int | None = None) -> None:
-    """Logs numeric metrics to the active run, skipping non-numeric values; never waits on a dead server.
-
-    Values the tracking store does not take now wait in memory (at most METRIC_BUFFER_LIMIT, the
-    oldest dropped beyond) and are sent, in order, by a later call or flush(). A caller that may log
-    the same values again (e.g. after a crash) can pass their first `timestamp_ms`: the SQL stores
-    then keep one copy.
+    Owned by one TrackedRun and gone with it. A failed send is retried after RETRY_INTERVAL_S,
+    doubling per failure up to RETRY_MAX_S, so a server that hangs costs training at most one
+    timeout per interval.
     """
-    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if not numeric:
-        return
-    run = mlflow.active_run()
-    timestamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-    with _lock:
-        _buffer.values.extend(_Value(run and run.info.run_id, step, timestamp, k, v) for k, v in numeric.items())
-        _drop_oldest()
-        if time.monotonic() >= _buffer.retry_at:
-            _send_buffered()
 
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.values: deque[_Value] = deque()
+        self.failures = 0  # consecutive failed sends
+        self.retry_at = 0.0  # time.monotonic() of the next send
+        self.outage_started: float | None = None
+        self.dropped = 0  # in the current outage
+        self.lock = threading.Lock()  # Keras callbacks log from one thread, but flush() may come from another
 
-def flush(timeout: float = 0.0) -> int:
-    """Returns how many metric values are still unsent after sending the buffered ones, retrying for `timeout` s."""
-    deadline = time.monotonic() + timeout
-    with _lock:
-        while not _send_buffered() and time.monotonic() < deadline:
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-        return len(_buffer.values)
+    def __len__(self) -> int:
+        return len(self.values)
 
+    def add(self, values: Iterable[_Value]) -> None:
+        """Queues `values` and sends the queue, unless a failed send's retry time has not come."""
+        with self.lock:
+            self.values.extend(values)
+            self._drop_oldest()
+            if time.monotonic() >= self.retry_at:
+                self._send_all()
 
-def pending_metrics() -> int:
-    """Returns how many metric values wait in the buffer for the tracking store."""
-    return len(_buffer.values)
+    def flush(self, timeout: float = 0.0) -> int:
+        """Returns how many values are still unsent after sending the queue, retrying for `timeout` s."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while not self._send_all() and time.monotonic() < deadline:
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            return len(self.values)
 
+    def discard(self) -> int:
+        """Returns how many queued values were thrown away, leaving the buffer empty."""
+        with self.lock:
+            count = len(self.values)
+            self.values.clear()
+            self._end_outage()
+            return count
 
-def discard_pending() -> int:
-    """Returns how many buffered metric values were thrown away, leaving the buffer empty."""
-    with _lock:
-        count = len(_buffer.values)
-        _buffer.values.clear()
-        _buffer.failures, _buffer.retry_at, _buffer.outage_started, _buffer.dropped = 0, 0.0, None, 0
-        return count
+    def _end_outage(self) -> None:
+        self.failures, self.retry_at, self.outage_started, self.dropped = 0, 0.0, None, 0
 
+    def _drop_oldest(self) -> None:
+        """Trims the queue to METRIC_BUFFER_LIMIT values, the oldest first, warning how many went."""
+        excess = len(self.values) - METRIC_BUFFER_LIMIT
+        if excess <= 0:
+            return
+        for _ in range(excess):
+            self.values.popleft()
+        self.dropped += excess
+        log.warning("metric buffer full (%d values): dropped the %d oldest unsent metric values "
+                    "(%d so far in this outage)", METRIC_BUFFER_LIMIT, excess, self.dropped)
 
-def _drop_oldest() -> None:
-    """Trims the buffer to METRIC_BUFFER_LIMIT values, the oldest first, warning how many went."""
-    excess = len(_buffer.values) - METRIC_BUFFER_LIMIT
-    if excess <= 0:
-        return
-    for _ in range(excess):
-        _buffer.values.popleft()
-    _buffer.dropped += excess
-    log.warning("metric buffer full (%d values): dropped the %d oldest unsent metric values "
-                "(%d so far in this outage)", METRIC_BUFFER_LIMIT, excess, _buffer.dropped)
+    def _send_all(self) -> bool:
+        """Returns whether the queue is empty after sending it, oldest first, up to the first failure."""
+        sent = 0
+        while self.values:
+            batch = self._next_batch()
+            try:
+                _send(batch)
+            except Exception as e:
+                if not _rejected(e):
+                    self._note_failure(e)
+                    return False
+                # The store answered and refused (e.g. a deleted run): resending cannot help.
+                log.error("the MLflow tracking store refused metrics %s at step %s: %s",
+                          sorted(v.key for v in batch), batch[0].step, _describe(e))
+            else:
+                sent += len(batch)
+            for _ in batch:
+                self.values.popleft()
+        if self.outage_started is not None:
+            log.warning("MLflow tracking store %s answers again after %.0f s: sent the %d buffered metric values",
+                        masked(self.uri), time.monotonic() - self.outage_started, sent)
+        self._end_outage()
+        return True
 
+    def _next_batch(self) -> list[_Value]:
+        """Returns the oldest queued values that one log_metrics call logged: same run, step and time, distinct keys."""
+        first = self.values[0]
+        batch, keys = [], set()
+        for value in self.values:
+            if (value.run_id, value.step, value.timestamp) != (first.run_id, first.step, first.timestamp) \
+                    or value.key in keys:
+                break
+            batch.append(value)
+            keys.add(value.key)
+        return batch
 
-def _send_buffered() -> bool:
-    """Returns whether the buffer is empty after sending it, oldest first, up to the first failure."""
-    sent = 0
-    while _buffer.values:
-        batch = _next_batch()
-        try:
-            _send(batch)
-        except Exception as e:
-            if not _rejected(e):
-                _note_failure(e)
-                return False
-            # The store answered and refused (e.g. a deleted run): resending cannot help.
-            log.error("the MLflow tracking store refused metrics %s at step %s: %s",
-                      sorted(v.key for v in batch), batch[0].step, _describe(e))
+    def _note_failure(self, error: Exception) -> None:
+        """Schedules the next send after a failed one; the first failure of an outage is a warning."""
+        self.failures += 1
+        delay = min(RETRY_MAX_S, RETRY_INTERVAL_S * 2 ** (self.failures - 1))
+        self.retry_at = time.monotonic() + delay
+        if self.outage_started is None:
+            self.outage_started = time.monotonic()
+            log.warning("MLflow tracking store %s does not answer (%s); training goes on, metrics wait in memory "
+                        "(at most %d values) and are sent when it answers again", masked(self.uri),
+                        _describe(error), METRIC_BUFFER_LIMIT)
         else:
-            sent += len(batch)
-        for _ in batch:
-            _buffer.values.popleft()
-    if _buffer.outage_started is not None:
-        log.warning("MLflow tracking store %s answers again after %.0f s: sent the %d buffered metric values",
-                    masked(tracking_uri()), time.monotonic() - _buffer.outage_started, sent)
-    _buffer.failures, _buffer.retry_at, _buffer.outage_started, _buffer.dropped = 0, 0.0, None, 0
-    return True
-
-
-def _next_batch() -> list[_Value]:
-    """Returns the oldest buffered values that one log_metrics call logged: same run, step and time, distinct keys."""
-    first = _buffer.values[0]
-    batch, keys = [], set()
-    for value in _buffer.values:
-        if (value.run_id, value.step, value.timestamp) != (first.run_id, first.step, first.timestamp) \
-                or value.key in keys:
-            break
-        batch.append(value)
-        keys.add(value.key)
-    return batch
+            log.debug("MLflow tracking store still does not answer (%s); %d metric values wait, next try in %.0f s",
+                      _describe(error), len(self.values), delay)
 
 
 def _send(batch: list[_Value]) -> None:
     """Logs `batch` to its run in one request, failing within METRIC_HTTP's timeout."""
     first = batch[0]
     active = mlflow.active_run()
-    # The active run's own values go through it, as before buffering (no extra request); others by id.
+    # The active run's own values go through it (mlflow.log_metrics with a run id asks the store for the run first).
     run_id = None if active is not None and active.info.run_id == first.run_id else first.run_id
     with http_limits(**METRIC_HTTP):
         mlflow.log_metrics({v.key: v.value for v in batch}, step=first.step, timestamp=first.timestamp,
                            run_id=run_id, synchronous=True)
-
-
-def _note_failure(error: Exception) -> None:
-    """Schedules the next send after a failed one; the first failure of an outage is a warning."""
-    _buffer.failures += 1
-    delay = min(RETRY_MAX_S, RETRY_INTERVAL_S * 2 ** (_buffer.failures - 1))
-    _buffer.retry_at = time.monotonic() + delay
-    if _buffer.outage_started is None:
-        _buffer.outage_started = time.monotonic()
-        log.warning("MLflow tracking store %s does not answer (%s); training goes on, metrics wait in memory "
-                    "(at most %d values) and are sent when it answers again", masked(tracking_uri()),
-                    _describe(error), METRIC_BUFFER_LIMIT)
-    else:
-        log.debug("MLflow tracking store still does not answer (%s); %d metric values wait, next try in %.0f s",
-                  _describe(error), len(_buffer.values), delay)
 
 
 def _rejected(error: Exception) -> bool:

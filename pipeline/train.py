@@ -1,4 +1,9 @@
-"""Adversarial training: the GAN as a keras.Model with its own train_step, checkpoints and history."""
+"""Adversarial training: the GAN as a keras.Model with its own train_step, checkpoints and history.
+
+`train_gan` trains and writes where a `TrainOutputs` says; it knows nothing of experiment
+tracking: a tracker joins as one more Keras callback that also hears of checkpoints and warnings
+(`TrainingListener`). `train_and_log` is the train stage's whole job, tracked.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,26 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import keras
-import mlflow
 import numpy as np
 import pandas as pd
 from keras import ops
 
-from pipeline import fused, metrics, paths, steps, tracking
+from pipeline import fused, metrics, steps, tracking
 from pipeline.checkpoint import TrainState, read_state, restore_checkpoint, save_checkpoint, training_fingerprint
 from pipeline.config import Config, ConfigError, TrainConfig
-from pipeline.devices import configure_devices, dtype_policy, float32_copy, precision
+from pipeline.devices import configure_devices, dtype_policy, precision
 from pipeline.errors import PipelineError
 from pipeline.evaluate import TRAIN_EVAL_NOISE_OFFSET, embed, feature_extractor
 from pipeline.files import atomic_path, write_json
+from pipeline.fused import float32_copy
 from pipeline.images import save_png, tile, to_uint8
-from pipeline.models import (NUM_CLASSES, balanced_labels, build_discriminator, build_generator, fixed_noise,
-                             generate, is_conditional, load_model)
+from pipeline.models import NUM_CLASSES, build_discriminator, build_generator, fixed_noise, generate, is_conditional
+from pipeline.paths import TrainOutputs
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +188,7 @@ def averaged_generator(gan: GAN, out: keras.Model | None = None) -> keras.Model:
     return out
 
 
+
 class InstanceNoiseSchedule(keras.callbacks.Callback):
     """Anneals the instance noise linearly from `train.instance_noise` to 0 over training."""
 
@@ -196,9 +204,22 @@ class TrainingDiverged(PipelineError):
     """A loss became NaN or infinite: training stopped, the last good checkpoint kept."""
 
 
-def is_final(model: keras.Model, epoch: int, config: Config) -> bool:
-    """Returns whether `epoch` (1-based) ends training: the last one, or the time limit has stopped it."""
-    return epoch == config.train.epochs or model.stop_training
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training at the first NaN or infinite loss, naming the epoch and step."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        for name in ("d_loss", "g_loss"):
+            value = float(logs[name])
+            if not np.isfinite(value):
+                raise TrainingDiverged(f"{name} became {value} in epoch {self.epoch}, step {batch + 1}; "
+                                       f"training stopped, the last good checkpoint is kept")
 
 
 class TimeLimit(keras.callbacks.Callback):
@@ -206,7 +227,7 @@ class TimeLimit(keras.callbacks.Callback):
 
     The time counts from `started`, the start of train_gan, so building the models and tracing
     the step count too; another epoch is estimated from the last one, callbacks included. Runs
-    before the other callbacks, so they see `stop_training` and treat the epoch as the last.
+    before EpochEnd, which then sees `stop_training` and treats the epoch as the last.
     """
 
     def __init__(self, minutes: float, started: float):
@@ -222,150 +243,142 @@ class TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class EpochOutputs(keras.callbacks.Callback):
-    """After each epoch: a history row and the history CSV; every N epochs a fixed-noise sample grid."""
+@runtime_checkable
+class TrainingListener(Protocol):
+    """What a callback given to train_gan may also implement, to hear what fit's own events do not say."""
 
-    def __init__(self, config: Config, rows: list[dict], history_path: Path, grid_dir: Path):
+    def on_checkpoint(self, state: TrainState) -> None:
+        """A checkpoint now holds `state`: its epochs survive a crash (read-only)."""
+
+    def on_warning(self, name: str, message: str) -> None:
+        """Training found something a user should know, e.g. "discriminator_wins"."""
+
+
+def fid_scorer(config: Config, classifier: keras.Model, real_images: np.ndarray) -> Callable[[keras.Model], dict]:
+    """Returns a function giving {"fid", "kid"} of a generator's fixed-noise samples against fixed real images.
+
+    Training-time scores: `train.eval_samples` images each side and `train.eval_kid_subsets`
+    KID subsets, cheaper than the evaluate stage's.
+    """
+    extractor = feature_extractor(classifier)
+    count = min(config.train.eval_samples, len(real_images))
+    chosen = np.random.default_rng(config.seed).permutation(len(real_images))[:count]
+    real_features, _ = embed(extractor, real_images[chosen])
+    noise = fixed_noise(config.seed + TRAIN_EVAL_NOISE_OFFSET, count, config.train.latent_dim)
+
+    def score(generator: keras.Model) -> dict:
+        fake, _ = embed(extractor, generate(generator, noise))
+        kid, _ = metrics.kid(real_features, fake, subsets=config.train.eval_kid_subsets,
+                             subset_size=config.evaluate.kid_subset_size, seed=config.seed)
+        return {"fid": metrics.fid(fake, real_features), "kid": kid}
+
+    return score
+
+
+class EpochEnd(keras.callbacks.Callback):
+    """Everything training does after an epoch, in this order: the history row and CSV; every
+    sample_every epochs a fixed-noise grid; every eval_every epochs FID and KID, keeping the best
+    generator; the discriminator-wins check; every checkpoint_every epochs a checkpoint. The last
+    epoch (train.epochs, or the time limit's) does all of them.
+
+    One callback, so the order is this method's and `state` has one writer; listeners hear of
+    checkpoints and warnings through their own methods (TrainingListener).
+
+    Checkpoints record when each epoch was first checkpointed (`state.log_times`): a tracker that
+    stamps an epoch's metrics with it can send them again after a crash without doubling them.
+    """
+
+    def __init__(self, config: Config, state: TrainState, outputs: TrainOutputs,
+                 score: Callable[[keras.Model], dict], best_weights: list[np.ndarray] | None,
+                 listeners: Sequence[TrainingListener]):
         super().__init__()
-        self.config, self.rows, self.history_path, self.grid_dir = config, rows, history_path, grid_dir
+        self.config, self.state, self.outputs, self.score = config, state, outputs, score
+        self.best_weights, self.listeners = best_weights, listeners
         side = config.train.grid_size
-        self.noise = fixed_noise(config.seed, side * side, config.train.latent_dim)
+        self.grid_noise = fixed_noise(config.seed, side * side, config.train.latent_dim)
+        self.export: keras.Model | None = None  # one float32 copy of the averaged generator, refreshed in place
         self.started = 0.0
-        self.export: keras.Model | None = None
+        self.winning_epochs = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        number = epoch + 1
-        metrics = {name: float(logs[name]) for name in METRIC_NAMES}
-        metrics["seconds"] = time.perf_counter() - self.started
-        self.rows.append({"epoch": number, **metrics})
-        with atomic_path(self.history_path) as tmp:
-            pd.DataFrame(self.rows).to_csv(tmp, index=False)
-        if number % self.config.train.sample_every == 0 or is_final(self.model, number, self.config):
+        t, number = self.config.train, epoch + 1
+        final = number == t.epochs or self.model.stop_training
+        self.record(number, logs)
+        grid_due, fid_due = final or number % t.sample_every == 0, final or number % t.eval_every == 0
+        if grid_due or fid_due:
             self.export = averaged_generator(self.model, self.export)
-            images = to_uint8(generate(self.export, self.noise))
-            save_png(self.grid_dir / f"epoch_{number:04d}.png", tile(images, self.config.train.grid_size))
+        if grid_due:
+            images = to_uint8(generate(self.export, self.grid_noise))
+            save_png(self.outputs.grids / f"epoch_{number:04d}.png", tile(images, t.grid_size))
+        if fid_due:
+            self.track_fid(number, self.export)
+        self.watch_discriminator(number, float(logs["d_loss"]))
+        if final or number % t.checkpoint_every == 0:
+            self.checkpoint(number)
 
+    def record(self, number: int, logs: dict) -> None:
+        """Appends the epoch's metrics to the history and rewrites its CSV."""
+        row = {"epoch": number, **{name: float(logs[name]) for name in METRIC_NAMES},
+               "seconds": time.perf_counter() - self.started}
+        self.state.history.append(row)
+        write_csv(self.outputs.history, self.state.history)
 
-class FidTracking(keras.callbacks.Callback):
-    """Every eval_every epochs and at the last: FID and KID of fixed-noise samples; keeps the best generator.
+    def track_fid(self, number: int, generator: keras.Model) -> None:
+        """Scores `generator`, appends to the FID history and saves it if it is the best so far.
 
-    GAN quality peaks and then degrades, so the generator with the lowest FID so far is saved
-    beside the last one.
-    """
-
-    def __init__(self, config: Config, classifier: keras.Model, real_images: np.ndarray, state: TrainState,
-                 history_path: Path, best_path: Path):
-        super().__init__()
-        self.config, self.state, self.history_path, self.best_path = config, state, history_path, best_path
-        self.extractor = feature_extractor(classifier)
-        count = min(config.train.eval_samples, len(real_images))
-        chosen = np.random.default_rng(config.seed).permutation(len(real_images))[:count]
-        self.real_features, _ = embed(self.extractor, real_images[chosen])
-        self.noise = fixed_noise(config.seed + TRAIN_EVAL_NOISE_OFFSET, count, config.train.latent_dim)
-        self.best_weights: list[np.ndarray] | None = None
-        self.export: keras.Model | None = None
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        number = epoch + 1
-        if number % self.config.train.eval_every and not is_final(self.model, number, self.config):
-            return
-        generator = self.export = averaged_generator(self.model, self.export)
-        fake, _ = embed(self.extractor, generate(generator, self.noise))
-        kid, _ = metrics.kid(self.real_features, fake, subsets=self.config.train.eval_kid_subsets,
-                             subset_size=self.config.evaluate.kid_subset_size, seed=self.config.seed)
-        row = {"epoch": number, "fid": metrics.fid(fake, self.real_features), "kid": kid}
+        GAN quality peaks and then degrades, so the generator with the lowest FID is kept beside the last.
+        """
+        row = {"epoch": number, **self.score(generator)}
         self.state.fid_history.append(row)
-        with atomic_path(self.history_path) as tmp:
-            pd.DataFrame(self.state.fid_history).to_csv(tmp, index=False)
+        write_csv(self.outputs.fid_history, self.state.fid_history)
         if self.state.best is None or row["fid"] < self.state.best["fid"]:
             self.state.best = row
             self.best_weights = generator.get_weights()
-            with atomic_path(self.best_path) as tmp:
+            with atomic_path(self.outputs.generator_best) as tmp:
                 generator.save(tmp)
-        log.info("epoch %d: FID %.3f, KID %.5f (best FID %.3f at epoch %d)", number, row["fid"], kid,
+        log.info("epoch %d: FID %.3f, KID %.5f (best FID %.3f at epoch %d)", number, row["fid"], row["kid"],
                  self.state.best["fid"], self.state.best["epoch"])
 
+    def watch_discriminator(self, number: int, d_loss: float) -> None:
+        """Warns once d_loss has stayed under train.d_win_loss for train.d_win_epochs epochs in a row."""
+        t = self.config.train
+        self.winning_epochs = self.winning_epochs + 1 if d_loss < t.d_win_loss else 0
+        if self.winning_epochs == t.d_win_epochs:
+            message = (f"the discriminator wins outright: d_loss below {t.d_win_loss} for {t.d_win_epochs} "
+                       f"epochs up to epoch {number}; the generator gets no useful gradient")
+            log.warning("%s", message)
+            for listener in self.listeners:
+                listener.on_warning("discriminator_wins", message)
 
-class Checkpointing(keras.callbacks.Callback):
-    """Every checkpoint_every epochs and at the last: a checkpoint, then the epochs' metrics to MLflow.
-
-    Each epoch's metrics go to MLflow only once a checkpoint covers the epoch, stamped with a time
-    the checkpoint records; a resumed run logs them again with the same stamp, which MLflow's SQL
-    stores keep once, so a crash between checkpoint and logging loses and doubles nothing.
-    """
-
-    def __init__(self, config: Config, state: TrainState, fid: FidTracking, path: Path, track: bool):
-        super().__init__()
-        self.config, self.state, self.fid, self.path, self.track = config, state, fid, path, track
-        self.logged_epoch = 0
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        number = epoch + 1
-        if number % self.config.train.checkpoint_every and not is_final(self.model, number, self.config):
-            return
+    def checkpoint(self, number: int) -> None:
+        """Writes a checkpoint of everything after epoch `number`, then tells the listeners."""
         self.state.epoch = number
         now = int(time.time() * 1000)
         for row in self.state.history:
             self.state.log_times.setdefault(str(row["epoch"]), now)
-        save_checkpoint(self.model, self.state, self.fid.best_weights, self.path)
-        self.flush()
-
-    def flush(self) -> None:
-        """Logs every checkpointed epoch not yet logged by this process to MLflow, with its recorded time."""
-        if not self.track:
-            return
-        fid_rows = {row["epoch"]: row for row in self.state.fid_history}
-        for row in self.state.history:
-            epoch = row["epoch"]
-            if not self.logged_epoch < epoch <= self.state.epoch:
-                continue
-            values = {k: v for k, v in row.items() if k != "epoch"}
-            if epoch in fid_rows:
-                values.update(train_fid=fid_rows[epoch]["fid"], train_kid=fid_rows[epoch]["kid"])
-            tracking.log_metrics(values, step=epoch, timestamp_ms=self.state.log_times[str(epoch)])
-        self.logged_epoch = self.state.epoch
+        save_checkpoint(self.model, self.state, self.best_weights, self.outputs.checkpoint)
+        for listener in self.listeners:
+            listener.on_checkpoint(self.state)
 
 
-class DivergenceGuard(keras.callbacks.Callback):
-    """Stops training at the first NaN or infinite loss; warns when the discriminator wins outright."""
-
-    def __init__(self, config: Config, track: bool):
-        super().__init__()
-        self.config, self.track = config, track
-        self.epoch = 0
-        self.winning_epochs = 0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.epoch = epoch + 1
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        for name in ("d_loss", "g_loss"):
-            value = float(logs[name])
-            if not np.isfinite(value):
-                raise TrainingDiverged(f"{name} became {value} in epoch {self.epoch}, step {batch + 1}; "
-                                       f"training stopped, the last good checkpoint is kept")
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        t = self.config.train
-        self.winning_epochs = self.winning_epochs + 1 if logs["d_loss"] < t.d_win_loss else 0
-        if self.winning_epochs == t.d_win_epochs:
-            message = (f"the discriminator wins outright: d_loss below {t.d_win_loss} for {t.d_win_epochs} "
-                       f"epochs up to epoch {epoch + 1}; the generator gets no useful gradient")
-            log.warning("%s", message)
-            if self.track:
-                mlflow.set_tag("warning.discriminator_wins", message)
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Writes `rows` as a CSV table, atomically."""
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
 def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier: keras.Model,
-              state: TrainState | None = None, verbose: int | None = None,
-              track: bool = False) -> tuple[GAN, pd.DataFrame, pd.DataFrame]:
+              outputs: TrainOutputs, state: TrainState | None = None,
+              callbacks: Sequence[keras.callbacks.Callback] = (),
+              verbose: int | None = None) -> tuple[GAN, pd.DataFrame, pd.DataFrame]:
     """Returns the trained GAN, its per-epoch history and its FID history.
 
     Starts from `state` (a checkpoint's) when given. On the way it writes grids, checkpoints and
-    the best-FID generator; with `track`, checkpointed epochs' metrics go to the active MLflow run.
+    the best-FID generator to `outputs`. `callbacks` run after training's own each epoch; those
+    that are TrainingListeners also hear of each checkpoint and warning.
     """
     if config.train.batch_size > len(images):
         raise ConfigError(f"train.batch_size: {config.train.batch_size} is larger than the {len(images)} "
@@ -377,101 +390,74 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
     log.info("training with %s in %s: %d images of shape %s", device, gan.generator.dtype_policy.name,
              len(images), images.shape[1:])
     state = state or TrainState(fingerprint="")
-    if not state.epoch:
-        shutil.rmtree(paths.PROGRESS_GRIDS, ignore_errors=True)  # grids persist for resumes, not fresh runs
-    outputs = EpochOutputs(config, state.history, paths.HISTORY, paths.PROGRESS_GRIDS)
-    fid = FidTracking(config, classifier, images, state, paths.FID_HISTORY, paths.GENERATOR_BEST)
+    best_weights = None
     if state.epoch:
-        fid.best_weights = restore_checkpoint(gan, paths.CHECKPOINT)
-        restore_outputs(gan, state, fid.best_weights)
-    checkpointing = Checkpointing(config, state, fid, paths.CHECKPOINT, track)
-    callbacks = [outputs, fid, DivergenceGuard(config, track), checkpointing]
+        best_weights = restore_checkpoint(gan, outputs.checkpoint)
+        restore_outputs(gan, state, best_weights, outputs)
+    else:
+        shutil.rmtree(outputs.grids, ignore_errors=True)  # grids persist for resumes, not fresh runs
+    listeners = [c for c in callbacks if isinstance(c, TrainingListener)]
+    own = [EpochEnd(config, state, outputs, fid_scorer(config, classifier, images), best_weights, listeners),
+           DivergenceGuard()]
     if config.train.time_limit_minutes is not None:
-        callbacks.insert(0, TimeLimit(config.train.time_limit_minutes, started))
+        own.insert(0, TimeLimit(config.train.time_limit_minutes, started))
     if config.train.instance_noise:
-        callbacks.append(InstanceNoiseSchedule(config.train.epochs))
+        own.append(InstanceNoiseSchedule(config.train.epochs))
     if verbose is None:
         # A live progress bar on a terminal; one line per epoch in logs, where a bar is noise.
         verbose = 1 if sys.stdout.isatty() else 2
     gan.fit(images, labels if gan.conditional else None, batch_size=config.train.batch_size, shuffle=True,
-            initial_epoch=state.epoch, epochs=config.train.epochs, callbacks=callbacks, verbose=verbose)
-    checkpointing.flush()  # what a resumed run restored, also when nothing was left to train
+            initial_epoch=state.epoch, epochs=config.train.epochs, callbacks=[*own, *callbacks], verbose=verbose)
+    if state.epoch:
+        for listener in listeners:  # what a resumed run restored, also when nothing was left to train
+            listener.on_checkpoint(state)
     return gan, pd.DataFrame(state.history), pd.DataFrame(state.fid_history)
 
 
-def restore_outputs(gan: GAN, state: TrainState, best_weights: list[np.ndarray] | None) -> None:
+def restore_outputs(gan: GAN, state: TrainState, best_weights: list[np.ndarray] | None,
+                    outputs: TrainOutputs) -> None:
     """Rewrites the history CSVs and the best generator that a resumed run had made before it stopped."""
-    with atomic_path(paths.HISTORY) as tmp:
-        pd.DataFrame(state.history).to_csv(tmp, index=False)
-    with atomic_path(paths.FID_HISTORY) as tmp:
-        pd.DataFrame(state.fid_history).to_csv(tmp, index=False)
+    write_csv(outputs.history, state.history)
+    write_csv(outputs.fid_history, state.fid_history)
     if best_weights is not None:
         best = float32_copy(gan.generator)
         best.set_weights(best_weights)
-        with atomic_path(paths.GENERATOR_BEST) as tmp:
+        with atomic_path(outputs.generator_best) as tmp:
             best.save(tmp)
 
 
-def save_models(gan: GAN) -> None:
+def save_models(gan: GAN, outputs: TrainOutputs) -> None:
     """Writes the final generator (averaged, when `train.ema` is on) and discriminator as float32 .keras files."""
-    for model, path in ((averaged_generator(gan), paths.GENERATOR),
-                        (float32_copy(gan.discriminator), paths.DISCRIMINATOR)):
+    for model, path in ((averaged_generator(gan), outputs.generator),
+                        (float32_copy(gan.discriminator), outputs.discriminator)):
         with atomic_path(path) as tmp:
             model.save(tmp)
 
 
-class _KerasFlavor:
-    """mlflow.keras, except that the model folder exists before the input example is written into it.
-
-    mlflow.keras.save_model (MLflow 3.17) writes input_example.json before creating its folder, so
-    mlflow.keras.log_model with an input example fails; this shim creates the folder first.
-    """
-
-    __name__ = "mlflow.keras"
-
-    @staticmethod
-    def save_model(path: str, **kwargs) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        mlflow.keras.save_model(path=path, **kwargs)
+def summarize(history: pd.DataFrame, fid_history: pd.DataFrame) -> dict[str, Any]:
+    """Returns metrics/train.json's content: the last epoch's metrics, the best and the last FID."""
+    best = fid_history.loc[fid_history["fid"].idxmin()]
+    return {"epochs": int(history["epoch"].iloc[-1]), **history.iloc[-1].drop("epoch").to_dict(),
+            "best_epoch": int(best["epoch"]), "best_fid": float(best["fid"]),
+            "last_fid": float(fid_history["fid"].iloc[-1])}
 
 
-def log_generator(generator: keras.Model, name: str, latent_dim: int, seed: int) -> None:
-    """Logs the generator to the active MLflow run as a Keras model with signature and input example."""
-    from mlflow.models import Model, infer_signature
-
-    noise = fixed_noise(seed, 2, latent_dim)
-    example = {"noise": noise, "label": balanced_labels(2)[:, None]} if is_conditional(generator) else noise
-    signature = infer_signature(example, generate(generator, noise))
-    Model.log(artifact_path=None, name=name, flavor=_KerasFlavor, model=generator,
-              signature=signature, input_example=example,
-              # The backend it was trained on, by its PyPI name: tensorflow or jax (which brings jaxlib).
-              pip_requirements=[f"keras=={keras.__version__}", keras.backend.backend()])
-
-
-def train_and_log(config: Config, train_images: np.ndarray, train_labels: np.ndarray, classifier: keras.Model,
-                  manifest: dict) -> pd.DataFrame:
+def train_and_log(config: Config, images: np.ndarray, labels: np.ndarray, classifier: keras.Model,
+                  manifest: Mapping[str, Any], outputs: TrainOutputs) -> pd.DataFrame:
     """Returns the history of a full training run, resumed from a matching checkpoint when one exists.
 
-    Every output is written and tracked in MLflow: in the interrupted run when resuming one,
+    Every output is written to `outputs` and tracked: in the interrupted run when resuming one,
     else in a new run.
     """
-    fingerprint = training_fingerprint(config, train_images, train_labels, classifier)
-    state = read_state(paths.CHECKPOINT, fingerprint)
-    with tracking.start_run(config, manifest, paths.MLFLOW_RUN, resume_run_id=state and state.run_id) as run:
+    fingerprint = training_fingerprint(config, images, labels, classifier)
+    state = read_state(outputs.checkpoint, fingerprint)
+    with tracking.start_run(config, manifest, resume_run_id=state and state.run_id) as run:
         state = state or TrainState(fingerprint=fingerprint)
         state.run_id = run.info.run_id
-        gan, history, fid_history = train_gan(config, train_images, train_labels, classifier, state=state,
-                                              track=True)
-        save_models(gan)
-        best = fid_history.loc[fid_history["fid"].idxmin()]
-        summary = {"epochs": int(history["epoch"].iloc[-1]), **history.iloc[-1].drop("epoch").to_dict(),
-                   "best_epoch": int(best["epoch"]), "best_fid": float(best["fid"]),
-                   "last_fid": float(fid_history["fid"].iloc[-1])}
-        write_json(paths.TRAIN_METRICS, summary)
-        tracking.log_metrics({k: summary[k] for k in ("best_epoch", "best_fid", "last_fid")})
-        mlflow.log_artifact(str(paths.HISTORY), artifact_path="train")
-        mlflow.log_artifact(str(paths.FID_HISTORY), artifact_path="train")
-        mlflow.log_artifacts(str(paths.PROGRESS_GRIDS), artifact_path="train/grids")
-        log_generator(load_model(paths.GENERATOR), "generator", config.train.latent_dim, config.seed)
-        log_generator(load_model(paths.GENERATOR_BEST), "generator_best", config.train.latent_dim, config.seed)
+        gan, history, fid_history = train_gan(config, images, labels, classifier, outputs, state=state,
+                                              callbacks=[run.epoch_logger()])
+        save_models(gan, outputs)
+        summary = summarize(history, fid_history)
+        write_json(outputs.metrics, summary)
+        tracking.log_training(run, config, summary, outputs)
     return history

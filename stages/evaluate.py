@@ -2,7 +2,6 @@
 
 import json
 
-import mlflow
 import pandas as pd
 
 from pipeline.cli import run_stage
@@ -23,11 +22,8 @@ def main() -> None:
                               fid_history=pd.read_csv(paths.FID_HISTORY), report_path=paths.REPORT)
     results["classifier_holdout_accuracy"] = json.loads(paths.CLASSIFIER_METRICS.read_text())["holdout_accuracy"]
     write_json(paths.EVAL_METRICS, results)
-    with tracking.resume_run(paths.MLFLOW_RUN):
-        tracking.log_metrics(results)
-        mlflow.set_tags(tracking.dvc_stage_tags())
-        mlflow.log_artifact(str(paths.EVAL_METRICS), artifact_path="metrics")
-        mlflow.log_artifact(str(paths.REPORT), artifact_path="report")
+    with tracking.resume_run() as run:
+        tracking.log_evaluation(run, results, paths.EVAL_METRICS, paths.REPORT)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """Stage sample: generated images (npz), a grid and a latent interpolation, logged to the run."""
 
-import mlflow
-
 from pipeline.cli import run_stage
 from pipeline import paths, tracking
 from pipeline.config import load_config
@@ -12,10 +10,9 @@ from pipeline.sample import write_samples
 def main() -> None:
     config = load_config()
     generator = load_model(paths.generator_path(config.generator))
-    with tracking.resume_run(paths.MLFLOW_RUN):
+    with tracking.resume_run() as run:
         write_samples(generator, config, paths.SAMPLES_NPZ, paths.SAMPLES_GRID, paths.SAMPLES_INTERPOLATION)
-        for path in (paths.SAMPLES_GRID, paths.SAMPLES_INTERPOLATION):
-            mlflow.log_artifact(str(path), artifact_path="samples")
+        tracking.log_samples(run, paths.SAMPLES_GRID, paths.SAMPLES_INTERPOLATION)
 
 
 if __name__ == "__main__":

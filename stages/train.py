@@ -5,6 +5,7 @@ from pipeline import paths
 from pipeline.config import load_config
 from pipeline.data import load_manifest, load_split
 from pipeline.models import load_model
+from pipeline.paths import TrainOutputs
 from pipeline.train import train_and_log
 
 
@@ -12,7 +13,7 @@ def main() -> None:
     config = load_config()
     images, labels = load_split(paths.TRAIN_SPLIT)
     classifier = load_model(paths.CLASSIFIER)
-    train_and_log(config, images, labels, classifier, load_manifest(paths.raw_dir(config.data.name)))
+    train_and_log(config, images, labels, classifier, load_manifest(paths.raw_dir(config.data.name)), TrainOutputs())
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 import time
 import traceback
@@ -29,8 +28,9 @@ from pipeline.train import GAN, build_gan  # noqa: E402
 
 PARTS = ("generator", "discriminator", "g_optimizer", "d_optimizer")
 # Every module of the pipeline and its stages: none may need TensorFlow on another backend.
-MODULES = ("pipeline.checkpoint", "pipeline.data", "pipeline.devices", "pipeline.evaluate", "pipeline.metrics",
-           "pipeline.models", "pipeline.sample", "pipeline.steps", "pipeline.tracking", "pipeline.train",
+MODULES = ("pipeline.checkpoint", "pipeline.data", "pipeline.devices", "pipeline.evaluate", "pipeline.fused",
+           "pipeline.metrics", "pipeline.models", "pipeline.sample", "pipeline.steps", "pipeline.tracking",
+           "pipeline.train",
            "stages.classifier", "stages.download", "stages.evaluate", "stages.normalize", "stages.sample",
            "stages.train")
 
@@ -80,13 +80,13 @@ def train(params: dict, images: np.ndarray, labels: np.ndarray, workdir: Path, r
 
     With `resume`, also what train_gan did when resumed from that checkpoint for one more epoch.
     """
-    from pipeline import paths
     from pipeline.checkpoint import read_state, restore_checkpoint
     from pipeline.config import ClassifierConfig
     from pipeline.models import build_classifier
+    from pipeline.paths import TrainOutputs
     from pipeline.train import train_gan
 
-    os.chdir(workdir)
+    outputs = TrainOutputs(workdir)
     config = config_from_dict(params)
     shape = tuple(images.shape[1:])
     classifier = build_classifier(ClassifierConfig(filters=(8, 16), features=32, epochs=1, batch_size=32, lr=1e-3),
@@ -101,7 +101,7 @@ def train(params: dict, images: np.ndarray, labels: np.ndarray, workdir: Path, r
 
     GAN.fit = recording_fit
     try:
-        gan, history, fid_history = train_gan(config, images, labels, classifier, verbose=0)
+        gan, history, fid_history = train_gan(config, images, labels, classifier, outputs, verbose=0)
         out = {**starts[0], **gan_arrays(gan, "after/"), "history": history.to_numpy(np.float64),
                "history_columns": np.array(list(history.columns)), "fid_epochs": fid_history["epoch"].to_numpy(),
                "noise_std": arrays([gan.noise_std])[0], "rng_after": arrays([gan.noise_seed.state])[0],
@@ -112,15 +112,15 @@ def train(params: dict, images: np.ndarray, labels: np.ndarray, workdir: Path, r
             out.update(numbered("ema", arrays(gan.g_optimizer._model_variables_moving_average)))
 
         fresh = build_gan(config, shape)
-        restore_checkpoint(fresh, paths.CHECKPOINT)
+        restore_checkpoint(fresh, outputs.checkpoint)
         out.update({**gan_arrays(fresh, "restored/"), "restored_rng": arrays([fresh.noise_seed.state])[0]})
 
         out["pip_requirements"] = np.array(logged_requirements(gan, config))
         if not resume:
             return out
         longer = config_from_dict({**params, "train": {**params["train"], "epochs": config.train.epochs + 1}})
-        _, resumed, _ = train_gan(longer, images, labels, classifier, state=read_state(paths.CHECKPOINT, ""),
-                                  verbose=0)
+        _, resumed, _ = train_gan(longer, images, labels, classifier, outputs,
+                                  state=read_state(outputs.checkpoint, ""), verbose=0)
         out["resumed_from"] = starts[1]["rng_before"]
         out["resumed_epochs"] = resumed["epoch"].to_numpy()
         out["resumed_losses"] = resumed[["d_loss", "g_loss"]].to_numpy(np.float64)
@@ -133,7 +133,7 @@ def logged_requirements(gan, config) -> list[str]:
     """Returns the pip requirements that log_generator gives MLflow for `gan`'s generator."""
     from mlflow.models import Model
 
-    from pipeline.train import log_generator
+    from pipeline.tracking import log_generator
 
     logged = {}
     original = Model.log

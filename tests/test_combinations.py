@@ -14,6 +14,7 @@ from pipeline.config import config_from_dict
 from pipeline.data import download_dataset, load_dataset, normalize_dataset
 from pipeline.evaluate import evaluate_report, train_classifier
 from pipeline.models import load_model
+from pipeline.paths import TrainOutputs
 from pipeline.sample import write_samples
 from pipeline.train import train_gan
 from test_datasets import served_cifar, served_fashion  # noqa: F401 (fixtures)
@@ -38,7 +39,7 @@ def test_dataset_and_architecture_train_sample_and_evaluate(dataset, arch, tiny_
     train, holdout = splits["train"], splits["holdout"]
     assert train[0].shape[1:] == SHAPES[dataset]
     classifier, _ = train_classifier(config, train, holdout)
-    gan, history, fid_history = train_gan(config, *train, classifier, verbose=0)
+    gan, history, fid_history = train_gan(config, *train, classifier, TrainOutputs(tmp_path), verbose=0)
     assert np.isfinite(history[["d_loss", "g_loss"]].to_numpy()).all()
 
     generators = {"best": load_model(paths.GENERATOR_BEST), "last": gan.generator}

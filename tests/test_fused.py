@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.devices import float32_copy, precision
+from pipeline.devices import precision
+from pipeline.fused import float32_copy
 from pipeline import fused
 from pipeline.fused import BatchNormalization
 from pipeline.models import build_discriminator, build_generator
@@ -94,14 +95,14 @@ CONVS = [("Conv2D", 64, 5, 2, (4, 28, 28, 1)), ("Conv2D", 16, 5, 2, (4, 14, 14, 
 
 @pytest.mark.parametrize(("name", "filters", "size", "stride", "shape"), CONVS)
 def test_kernel_gradients_as_forward_convolutions_equal_tensorflows_own(name, filters, size, stride, shape):
-    from pipeline.steps import tensorflow as tf_step
+    from pipeline import tf_kernels
 
     rng = np.random.default_rng(3)
     x = tf.constant(rng.normal(size=shape).astype(np.float32))
     layer = getattr(keras.layers, name)(filters, size, strides=stride, padding="same", use_bias=False)
     layer.build(shape)
     kernel = tf.constant(rng.normal(size=layer.kernel.shape).astype(np.float32))
-    ours = {"Conv2D": tf_step.conv2d, "Conv2DTranspose": tf_step.conv2d_transpose}[name]
+    ours = {"Conv2D": tf_kernels.conv2d, "Conv2DTranspose": tf_kernels.conv2d_transpose}[name]
     theirs = {"Conv2D": keras.ops.conv, "Conv2DTranspose": keras.ops.conv_transpose}[name]
     results = []
     for op in (lambda: ours(x, kernel, stride), lambda: theirs(x, kernel, strides=stride, padding="same")):

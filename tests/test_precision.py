@@ -6,8 +6,9 @@ import pytest
 from keras import ops
 
 from conftest import merge
-from pipeline import devices, paths
+from pipeline import devices
 from pipeline.config import ConfigError, config_from_dict
+from pipeline.paths import TrainOutputs
 from pipeline.models import generate, load_model
 from pipeline.train import averaged_generator, build_gan, save_models, train_gan
 from test_train import classifier  # noqa: F401 (fixture)
@@ -65,22 +66,22 @@ def test_building_a_bfloat16_gan_leaves_the_global_policy_float32(tiny_params):
 
 
 def test_bfloat16_training_saves_float32_models(tiny_params, scaled_digits, classifier, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     config = config_with(tiny_params, mixed_precision="bfloat16", epochs=2)
-    gan, history, _ = train_gan(config, *scaled_digits, classifier, verbose=0)
+    gan, history, _ = train_gan(config, *scaled_digits, classifier, TrainOutputs(tmp_path), verbose=0)
     assert np.isfinite(history[["d_loss", "g_loss"]].to_numpy()).all()
-    save_models(gan)
-    for path in (paths.GENERATOR, paths.DISCRIMINATOR, paths.GENERATOR_BEST):
+    outputs = TrainOutputs(tmp_path)
+    save_models(gan, outputs)
+    for path in (outputs.generator, outputs.discriminator, outputs.generator_best):
         model = load_model(path)
         assert {layer.dtype_policy.name for layer in model.layers if layer.weights} == {"float32"}, path
-    images = generate(load_model(paths.GENERATOR_BEST), np.zeros((3, 100), np.float32))
+    images = generate(load_model(outputs.generator_best), np.zeros((3, 100), np.float32))
     assert images.dtype == np.float32
 
 
 def test_averaged_generator_holds_the_optimizers_moving_average(tiny_params, scaled_digits, classifier, tmp_path,
                                                                  monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    gan, _, _ = train_gan(config_with(tiny_params, ema=0.9, epochs=2), *scaled_digits, classifier, verbose=0)
+    gan, _, _ = train_gan(config_with(tiny_params, ema=0.9, epochs=2), *scaled_digits, classifier,
+                          TrainOutputs(tmp_path), verbose=0)
     raw = [ops.convert_to_numpy(v) for v in gan.generator.trainable_variables]
     averages = [ops.convert_to_numpy(v) for v in gan.g_optimizer._model_variables_moving_average]
     averaged = averaged_generator(gan)
@@ -95,8 +96,8 @@ def test_averaged_generator_holds_the_optimizers_moving_average(tiny_params, sca
 
 def test_without_ema_the_saved_generator_has_the_trained_weights(tiny_params, scaled_digits, classifier, tmp_path,
                                                                  monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    gan, _, _ = train_gan(config_with(tiny_params, ema=0.0), *scaled_digits, classifier, verbose=0)
+    gan, _, _ = train_gan(config_with(tiny_params, ema=0.0), *scaled_digits, classifier,
+                          TrainOutputs(tmp_path), verbose=0)
     for a, b in zip(averaged_generator(gan).get_weights(), gan.generator.get_weights()):
         np.testing.assert_array_equal(a, b)
 
@@ -104,10 +105,10 @@ def test_without_ema_the_saved_generator_has_the_trained_weights(tiny_params, sc
 def test_the_moving_average_trails_the_trained_weights(tiny_params, scaled_digits, classifier, tmp_path,
                                                       monkeypatch):
     """A decay near 1 keeps the average near the start; a small one follows the weights closely."""
-    monkeypatch.chdir(tmp_path)
     distances = {}
     for ema in (0.5, 0.9999):
-        gan, _, _ = train_gan(config_with(tiny_params, ema=ema), *scaled_digits, classifier, verbose=0)
+        gan, _, _ = train_gan(config_with(tiny_params, ema=ema), *scaled_digits, classifier,
+                              TrainOutputs(tmp_path), verbose=0)
         raw = gan.generator.trainable_variables[0]
         average = averaged_generator(gan).trainable_variables[0]
         distances[ema] = float(np.abs(ops.convert_to_numpy(raw) - ops.convert_to_numpy(average)).mean())
@@ -121,7 +122,7 @@ def test_jit_compile_param_sets_xla_for_the_step(jit_compile, tiny_params):
 
 
 def test_xla_training_runs(tiny_params, scaled_digits, classifier, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     config = config_with(tiny_params, jit_compile=True, mixed_precision="float32")
-    _, history, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier, verbose=0)
+    _, history, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier,
+                              TrainOutputs(tmp_path), verbose=0)
     assert np.isfinite(history[["d_loss", "g_loss"]].to_numpy()).all()

@@ -7,6 +7,7 @@ import pytest
 from pipeline import paths
 from pipeline.checkpoint import restore_checkpoint
 from pipeline.config import ConfigError
+from pipeline.paths import TrainOutputs
 from pipeline.train import METRIC_NAMES, averaged_generator, build_gan, train_gan
 
 
@@ -20,10 +21,9 @@ def classifier():
 
 
 @pytest.fixture
-def trained(tiny_config, scaled_digits, classifier, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def trained(tiny_config, scaled_digits, classifier, tmp_path):
     images, labels = scaled_digits
-    return train_gan(tiny_config, images[:256], labels[:256], classifier, verbose=0)
+    return train_gan(tiny_config, images[:256], labels[:256], classifier, TrainOutputs(tmp_path), verbose=0)
 
 
 def test_history_has_every_metric_per_epoch(trained, tmp_path):
@@ -63,15 +63,14 @@ def test_fid_schedule_is_written_and_the_best_generator_kept(trained, tmp_path):
     assert (tmp_path / paths.GENERATOR_BEST).exists()
 
 
-def test_best_generator_is_the_epoch_with_the_lowest_fid(tiny_params, scaled_digits, classifier, tmp_path,
-                                                         monkeypatch):
+def test_best_generator_is_the_epoch_with_the_lowest_fid(tiny_params, scaled_digits, classifier, tmp_path):
     from conftest import merge
     from pipeline.config import config_from_dict
     from pipeline.models import fixed_noise, generate, load_model
 
-    monkeypatch.chdir(tmp_path)
     config = config_from_dict(merge(tiny_params, {"train": {"epochs": 3}}))
-    gan, _, fid_history = train_gan(config, scaled_digits[0][:256], scaled_digits[1][:256], classifier, verbose=0)
+    gan, _, fid_history = train_gan(config, scaled_digits[0][:256], scaled_digits[1][:256], classifier,
+                                    TrainOutputs(tmp_path), verbose=0)
     best_epoch = int(fid_history.loc[fid_history["fid"].idxmin(), "epoch"])
     noise = fixed_noise(0, 4, config.train.latent_dim)
     best = generate(load_model(tmp_path / paths.GENERATOR_BEST), noise)
@@ -80,9 +79,8 @@ def test_best_generator_is_the_epoch_with_the_lowest_fid(tiny_params, scaled_dig
     assert np.array_equal(best, last) == (best_epoch == 3)
 
 
-def test_batch_larger_than_dataset_is_refused_before_training(tiny_config, scaled_digits, classifier, tmp_path,
-                                                               monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_batch_larger_than_dataset_is_refused_before_training(tiny_config, scaled_digits, classifier, tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size: 32 is larger than the 10 training images"):
-        train_gan(tiny_config, scaled_digits[0][:10], scaled_digits[1][:10], classifier, verbose=0)
+        train_gan(tiny_config, scaled_digits[0][:10], scaled_digits[1][:10], classifier, TrainOutputs(tmp_path),
+                  verbose=0)
     assert not (tmp_path / "models").exists()

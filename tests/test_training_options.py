@@ -5,6 +5,7 @@ import pytest
 
 from conftest import merge
 from pipeline.config import config_from_dict
+from pipeline.paths import TrainOutputs
 from pipeline.train import InstanceNoiseSchedule, TimeLimit, build_gan, train_gan
 from test_train import classifier  # noqa: F401 (fixture)
 
@@ -21,8 +22,8 @@ def bce(target, logits):
 @pytest.mark.parametrize("d_steps", [1, 3])
 def test_discriminator_takes_d_steps_updates_per_generator_update(d_steps, tiny_params, scaled_digits, classifier,
                                                                    tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    gan, _, _ = train_gan(config_with(tiny_params, d_steps=d_steps), *scaled_digits, classifier, verbose=0)
+    gan, _, _ = train_gan(config_with(tiny_params, d_steps=d_steps), *scaled_digits, classifier,
+                          TrainOutputs(tmp_path), verbose=0)
     steps = len(scaled_digits[0][:256]) // 32
     g_updates = int(gan.g_optimizer.iterations)
     assert g_updates >= steps and int(gan.d_optimizer.iterations) == d_steps * g_updates
@@ -62,26 +63,25 @@ def test_instance_noise_anneals_linearly_to_zero(tiny_params):
 
 def test_training_with_instance_noise_runs_the_schedule(tiny_params, scaled_digits, classifier, tmp_path,
                                                         monkeypatch):
-    monkeypatch.chdir(tmp_path)
     config = config_with(tiny_params, instance_noise=0.4, epochs=2)
-    gan, _, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier, verbose=0)
+    gan, _, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier,
+                          TrainOutputs(tmp_path), verbose=0)
     assert float(gan.noise_std) == pytest.approx(0.2)  # the last epoch's value
 
 
 def test_time_limit_stops_at_an_epoch_end_and_treats_it_as_the_last(tiny_params, scaled_digits, classifier,
                                                                     tmp_path, monkeypatch):
-    from pipeline import paths
     from pipeline.checkpoint import read_state
 
-    monkeypatch.chdir(tmp_path)
     config = config_from_dict(merge(tiny_params, {"train": {"epochs": 5, "time_limit_minutes": 0.0001,
                                                             "eval_every": 3, "checkpoint_every": 3,
                                                             "sample_every": 3}}))
-    _, history, fid_history = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier, verbose=0)
+    _, history, fid_history = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier,
+                                        TrainOutputs(tmp_path), verbose=0)
     assert history["epoch"].tolist() == [1]
     assert fid_history["epoch"].tolist() == [1]  # evaluated although 1 is off the schedule
-    assert read_state(paths.CHECKPOINT, fingerprint="").epoch == 1
-    assert (tmp_path / paths.PROGRESS_GRIDS / "epoch_0001.png").exists()
+    assert read_state(TrainOutputs(tmp_path).checkpoint, fingerprint="").epoch == 1
+    assert (TrainOutputs(tmp_path).grids / "epoch_0001.png").exists()
 
 
 def test_time_limit_counts_from_the_start_of_training_and_expects_an_epoch_like_the_last(tiny_params, monkeypatch):

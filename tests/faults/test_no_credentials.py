@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_OVERRIDES, default_params, merge
@@ -26,11 +25,11 @@ def test_credentials_in_the_environment_reach_no_param_tag_or_metric(tmp_path, m
     run_file = tmp_path / "run.json"
     with tracking.start_run(config, manifest, run_file) as run:
         for step in (1, 2):
-            tracking.log_metrics({"d_loss": 0.5, "g_loss": 1.5}, step=step)
-        tracking.log_metrics({"fid": 12.0})
-        mlflow.set_tags(tracking.dvc_stage_tags())
-    with tracking.resume_run(run_file):
-        tracking.log_metrics({"kid": 0.1})
+            run.log_metrics({"d_loss": 0.5, "g_loss": 1.5}, step=step)
+        run.log_metrics({"fid": 12.0})
+        run.set_tags(tracking.dvc_stage_tags())
+    with tracking.resume_run(run_file) as resumed:
+        resumed.log_metrics({"kid": 0.1})
     stored = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run.info.run_id)
     assert stored.data.params and stored.data.tags and set(stored.data.metrics) == {"d_loss", "g_loss", "fid", "kid"}
     for section in (stored.data.params, stored.data.tags, stored.data.metrics):

@@ -84,7 +84,6 @@ def config():
 def clean_tracking(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a local store's ./mlruns lands here
     yield
-    tracking.discard_pending()
     while mlflow.active_run():
         try:
             with tracking.http_limits(max_retries=0, backoff_factor=0, timeout=2):
@@ -93,12 +92,12 @@ def clean_tracking(tmp_path, monkeypatch):
             pass
 
 
-def log_steps(steps: range) -> list[float]:
-    """Logs KEYS for each step; returns each call's duration in seconds."""
+def log_steps(run: tracking.TrackedRun, steps: range) -> list[float]:
+    """Logs KEYS for each step to `run`; returns each call's duration in seconds."""
     durations = []
     for step in steps:
         started = time.monotonic()
-        tracking.log_metrics({"d_loss": step / 10, "g_loss": step / 5, "note": "not a number"}, step=step)
+        run.log_metrics({"d_loss": step / 10, "g_loss": step / 5, "note": "not a number"}, step=step)
         durations.append(time.monotonic() - started)
     return durations
 
@@ -122,20 +121,20 @@ def test_metrics_logged_while_the_server_restarts_all_reach_it_once(server, conf
     monkeypatch.setattr(tracking, "RETRY_INTERVAL_S", 0.0)  # try the server on every call
     caplog.set_level(logging.INFO, logger="pipeline.tracking")
     with tracking.start_run(config, MANIFEST, tmp_path / "run.json") as run:
-        log_steps(range(1, 5))
-        assert tracking.pending_metrics() == 0
+        log_steps(run, range(1, 5))
+        assert len(run.buffer) == 0
         server.stop()
-        durations = log_steps(range(5, 11))  # must neither raise nor wait for the dead server
+        durations = log_steps(run, range(5, 11))  # must neither raise nor wait for the dead server
         assert max(durations) < 2, durations
-        assert tracking.pending_metrics() == 6 * len(KEYS)
+        assert len(run.buffer) == 6 * len(KEYS)
         warnings = messages(caplog, logging.WARNING)
         assert len(warnings) == 1 and "does not answer" in warnings[0] and server.url in warnings[0]
         server.start()
-        log_steps(range(11, 12))  # the first call that reaches the server sends everything before it
-        assert tracking.pending_metrics() == 0
+        log_steps(run, range(11, 12))  # the first call that reaches the server sends everything before it
+        assert len(run.buffer) == 0
         assert "answers again" in messages(caplog, logging.WARNING)[-1]
         assert_on_server(server.url, run.info.run_id, list(range(1, 12)))
-        log_steps(range(12, 15))
+        log_steps(run, range(12, 15))
     assert_on_server(server.url, run.info.run_id, list(range(1, 15)))
     assert MlflowClient(tracking_uri=server.url).get_run(run.info.run_id).info.status == "FINISHED"
 
@@ -147,14 +146,14 @@ def test_a_full_buffer_drops_the_oldest_and_the_rest_is_sent_when_the_run_ends(s
     monkeypatch.setattr(tracking, "RETRY_INTERVAL_S", 0.0)
     caplog.set_level(logging.INFO, logger="pipeline.tracking")
     with tracking.start_run(config, MANIFEST, tmp_path / "run.json") as run:
-        log_steps(range(1, 3))
+        log_steps(run, range(1, 3))
         mlflow.set_tracking_uri(closed_port_url())  # the network goes: connections are refused
-        log_steps(range(3, 11))  # 8 steps, room for 3: steps 3..7 are dropped
+        log_steps(run, range(3, 11))  # 8 steps, room for 3: steps 3..7 are dropped
         drops = [m for m in messages(caplog, logging.WARNING) if "dropped" in m]
         assert drops and all("oldest" in m for m in drops)
         assert "(10 so far in this outage)" in drops[-1]
         started = time.monotonic()
-        assert tracking.flush(timeout=1.5) == 3 * len(KEYS)  # a flush gives up after its timeout
+        assert run.buffer.flush(timeout=1.5) == 3 * len(KEYS)  # a flush gives up after its timeout
         assert 1.4 < time.monotonic() - started < 5
         mlflow.set_tracking_uri(server.url)  # the network is back; nothing else is logged
     assert_on_server(server.url, run.info.run_id, [1, 2, 8, 9, 10])
@@ -196,10 +195,10 @@ def test_a_run_that_ends_while_the_store_is_unreachable_says_what_was_lost_withi
     caplog.set_level(logging.INFO, logger="pipeline.tracking")
     started = None
     with pytest.raises(tracking.TrackingUnavailable, match="cannot reach the MLflow tracking store"):
-        with tracking.start_run(config, MANIFEST, tmp_path / "run.json"):
+        with tracking.start_run(config, MANIFEST, tmp_path / "run.json") as run:
             mlflow.set_tracking_uri(closed_port_url())
-            log_steps(range(1, 4))
+            log_steps(run, range(1, 4))
             started = time.monotonic()
     assert time.monotonic() - started < 10  # not MLflow's four minutes of retries
     assert f"{3 * len(KEYS)} metric values never reached" in caplog.text
-    assert tracking.pending_metrics() == 0 and mlflow.active_run() is None
+    assert len(run.buffer) == 0 and mlflow.active_run() is None
