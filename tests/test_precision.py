@@ -65,7 +65,7 @@ def test_building_a_bfloat16_gan_leaves_the_global_policy_float32(tiny_params):
     assert keras.config.dtype_policy().name == "float32"
 
 
-def test_bfloat16_training_saves_float32_models(tiny_params, scaled_digits, classifier, tmp_path, monkeypatch):
+def test_bfloat16_training_saves_float32_models(tiny_params, scaled_digits, classifier, tmp_path):
     config = config_with(tiny_params, mixed_precision="bfloat16", epochs=2)
     gan, history, _ = train_gan(config, *scaled_digits, classifier, TrainOutputs(tmp_path), verbose=0)
     assert np.isfinite(history[["d_loss", "g_loss"]].to_numpy()).all()
@@ -78,8 +78,7 @@ def test_bfloat16_training_saves_float32_models(tiny_params, scaled_digits, clas
     assert images.dtype == np.float32
 
 
-def test_averaged_generator_holds_the_optimizers_moving_average(tiny_params, scaled_digits, classifier, tmp_path,
-                                                                 monkeypatch):
+def test_averaged_generator_holds_the_optimizers_moving_average(tiny_params, scaled_digits, classifier, tmp_path):
     gan, _, _ = train_gan(config_with(tiny_params, ema=0.9, epochs=2), *scaled_digits, classifier,
                           TrainOutputs(tmp_path), verbose=0)
     raw = [ops.convert_to_numpy(v) for v in gan.generator.trainable_variables]

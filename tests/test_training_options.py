@@ -21,7 +21,7 @@ def bce(target, logits):
 
 @pytest.mark.parametrize("d_steps", [1, 3])
 def test_discriminator_takes_d_steps_updates_per_generator_update(d_steps, tiny_params, scaled_digits, classifier,
-                                                                   tmp_path, monkeypatch):
+                                                                   tmp_path):
     gan, _, _ = train_gan(config_with(tiny_params, d_steps=d_steps), *scaled_digits, classifier,
                           TrainOutputs(tmp_path), verbose=0)
     steps = len(scaled_digits[0][:256]) // 32
@@ -61,8 +61,7 @@ def test_instance_noise_anneals_linearly_to_zero(tiny_params):
     assert seen == pytest.approx([0.4, 0.3, 0.2, 0.1])
 
 
-def test_training_with_instance_noise_runs_the_schedule(tiny_params, scaled_digits, classifier, tmp_path,
-                                                        monkeypatch):
+def test_training_with_instance_noise_runs_the_schedule(tiny_params, scaled_digits, classifier, tmp_path):
     config = config_with(tiny_params, instance_noise=0.4, epochs=2)
     gan, _, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier,
                           TrainOutputs(tmp_path), verbose=0)
@@ -70,7 +69,7 @@ def test_training_with_instance_noise_runs_the_schedule(tiny_params, scaled_digi
 
 
 def test_time_limit_stops_at_an_epoch_end_and_treats_it_as_the_last(tiny_params, scaled_digits, classifier,
-                                                                    tmp_path, monkeypatch):
+                                                                    tmp_path):
     from pipeline.checkpoint import read_state
 
     config = config_from_dict(merge(tiny_params, {"train": {"epochs": 5, "time_limit_minutes": 0.0001,

@@ -22,7 +22,7 @@ def poisoned(images: np.ndarray) -> np.ndarray:
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_params, scaled_digits,
-                                                                               classifier, tmp_path, monkeypatch):
+                                                                               classifier, tmp_path):
     images, labels = scaled_digits[0][:256], scaled_digits[1][:256]
     clean = config_from_dict(merge(tiny_params, {"train": {"epochs": 2}}))
     train_gan(clean, images, labels, classifier, TrainOutputs(tmp_path), verbose=0)
@@ -37,7 +37,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
     assert checkpoint.read_bytes() == good_bytes
 
 
-def test_discriminator_winning_outright_is_warned(tiny_params, scaled_digits, classifier, tmp_path, monkeypatch,
+def test_discriminator_winning_outright_is_warned(tiny_params, scaled_digits, classifier, tmp_path,
                                                   caplog):
     # A threshold every d_loss is under: D "wins" every epoch, so the warning must come at epoch 2.
     config = config_from_dict(merge(tiny_params, {"train": {"epochs": 3, "d_win_loss": 100.0, "d_win_epochs": 2}}))
@@ -48,8 +48,7 @@ def test_discriminator_winning_outright_is_warned(tiny_params, scaled_digits, cl
                         "the generator gets no useful gradient"]
 
 
-def test_no_warning_while_the_discriminator_is_beatable(tiny_params, scaled_digits, classifier, tmp_path,
-                                                        monkeypatch, caplog):
+def test_no_warning_while_the_discriminator_is_beatable(tiny_params, scaled_digits, classifier, tmp_path, caplog):
     config = config_from_dict(merge(tiny_params, {"train": {"epochs": 2, "d_win_epochs": 1}}))
     with caplog.at_level(logging.WARNING):
         train_gan(config, scaled_digits[0][:128], scaled_digits[1][:128], classifier, TrainOutputs(tmp_path), verbose=0)
