@@ -105,6 +105,8 @@ class TrackedRun(mlflow.ActiveRun):
         """
         numeric = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if not numeric:
+            return
         timestamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         self.buffer.add(_Value(self.info.run_id, step, timestamp, k, v) for k, v in numeric.items())
 

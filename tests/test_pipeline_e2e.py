@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import TINY_OVERRIDES, make_project, run
+from imports import stage_closures
 
 STAGES = ("download", "normalize", "classifier", "train", "sample", "evaluate")
 
@@ -107,6 +108,56 @@ def test_rerun_skips_every_stage(project):
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in stdout
     assert "Running stage" not in stdout
+
+
+def dvc_status(root: Path, env: dict, dvc: str) -> dict:
+    """Returns `dvc status --json`: {stage: [{"changed deps": {path: "modified"}}, ...]}, {} when up to date."""
+    return json.loads(run([dvc, "status", "--json"], root, env).stdout)
+
+
+def changed_deps(status: dict) -> dict[str, dict[str, str]]:
+    """Returns {stage: {dep: change}} of the "changed deps" entries in a `dvc status --json`."""
+    return {stage: {dep: change for entry in entries if isinstance(entry, dict)
+                    for dep, change in entry.get("changed deps", {}).items()}
+            for stage, entries in status.items()}
+
+
+def test_editing_a_code_file_changes_exactly_the_stages_whose_imports_reach_it(project):
+    # `dvc status` names a stage only for its own changed deps or outs: a stage downstream of a changed one is
+    # not named (its deps, the upstream outputs, are unchanged until upstream reruns). So editing a module must
+    # name exactly the stages that import it, each with that module as its one changed dep.
+    root, env, dvc, _ = project
+    closures = stage_closures(yaml.safe_load((root / "dvc.yaml").read_text())["stages"], root)
+    assert dvc_status(root, env, dvc) == {}
+    reported, expected = {}, {}
+    for path in sorted([*(root / "pipeline").rglob("*.py"), *(root / "stages").rglob("*.py")]):
+        name = path.relative_to(root).as_posix()
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        try:
+            reported[name] = changed_deps(dvc_status(root, env, dvc))
+        finally:
+            path.write_bytes(original)
+        expected[name] = {stage: {name: "modified"} for stage, code in closures.items()
+                          if any(str(file) == name for file in code)}
+    assert reported == expected
+    assert dvc_status(root, env, dvc) == {}  # restored bytes: the later tests see the project as `dvc repro` left it
+
+
+def test_plots_draw_the_three_curves_first_then_each_picture_once(project, tmp_path):
+    root, env, dvc, _ = project
+    shown = json.loads(run([dvc, "plots", "show", "--json", "-o", str(tmp_path / "json")], root, env).stdout)
+    kinds = {plot: {entry["type"] for entry in entries} for plot, entries in shown["data"].items()}
+    plots = list(kinds)  # in the order drawn
+    # The three named curves first; after them pictures only, not also a default curve of each CSV.
+    assert plots[:3] == ["losses", "discriminator", "fid"] and all(kinds[plot] == {"vega"} for plot in plots[:3])
+    assert all(kinds[plot] == {"image"} for plot in plots[3:]), kinds
+    run([dvc, "plots", "show", "-o", str(tmp_path / "html")], root, env)
+    images = re.findall(r'<img src="([^"]+)"', (tmp_path / "html" / "index.html").read_text())
+    assert len(images) == len(set(images)), images
+    assert {"static/workspace_samples_grid.png", "static/workspace_samples_interpolation.png",
+            "static/workspace_reports_eval_report.png",
+            "static/workspace_reports_train_grids_epoch_0001.png"} == set(images)
 
 
 def test_changing_epochs_invalidates_only_train_and_after(project):
