@@ -1,7 +1,7 @@
 """Sample-quality metrics on classifier features and probabilities: FID, KID, Inception-style score,
 precision/recall, density/coverage, class coverage and KL, and nearest-neighbour memorization checks.
 
-Pure NumPy/SciPy, so each is testable against closed forms without a model.
+Pure NumPy, so each is testable against closed forms without a model.
 """
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import scipy.linalg
 
-# sqrtm of a product of covariances picks up round-off imaginary parts; larger ones mean a broken input.
-IMAGINARY_TOLERANCE = 1e-3
+# Eigenvalues of a covariance below -this x its largest are not round-off: the matrix is not a covariance.
+NEGATIVE_EIGENVALUE_TOLERANCE = 1e-6
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -20,23 +19,41 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(features, np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"features must be (N >= 2, D), got shape {x.shape}")
-    return x.mean(axis=0), np.cov(x, rowvar=False)
+    # atleast_2d: np.cov of one feature column is a 0-d array, not a 1 x 1 matrix.
+    return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
+
+
+def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Returns the symmetric positive semi-definite square root of a covariance matrix.
+
+    Eigenvalues within eigh's round-off of 0 (D x eps x the largest, as numpy's matrix_rank counts rank)
+    are taken as exactly 0: the square root would otherwise turn noise of 1e-15 into 3e-8 per null direction.
+    """
+    eigenvalues, vectors = np.linalg.eigh(sigma)
+    largest = max(float(eigenvalues[-1]), 0.0)
+    if eigenvalues[0] < -NEGATIVE_EIGENVALUE_TOLERANCE * largest:
+        raise ValueError(f"FID: a covariance is not positive semi-definite (eigenvalue {eigenvalues[0]:.3g}, "
+                         f"largest {largest:.3g})")
+    noise = largest * len(eigenvalues) * np.finfo(np.float64).eps
+    return (vectors * np.sqrt(np.where(eigenvalues > noise, eigenvalues, 0.0))) @ vectors.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Returns Tr((S1 S2)^1/2) of two covariances, also where either is singular.
+
+    The eigenvalues of S1 S2 are the squared singular values of S1^1/2 S2^1/2, so the trace is their sum:
+    no inverse and no square root of a non-symmetric matrix (scipy's sqrtm of S1 S2 warns "Matrix is
+    singular" whenever a feature is constant, as dead ReLU units of the classifier's feature layer are).
+    """
+    return float(np.linalg.svd(psd_sqrt(sigma1) @ psd_sqrt(sigma2), compute_uv=False).sum())
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Returns the Frechet distance ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) of two Gaussians."""
+    if not all(np.isfinite(x).all() for x in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("FID: the features hold NaN or inf")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # Singular product: shift both covariances slightly, as the reference implementation does.
-        offset = np.eye(len(sigma1)) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAGINARY_TOLERANCE):
-            raise ValueError(f"FID: sqrtm has a significant imaginary part "
-                             f"({np.max(np.abs(covmean.imag)):.3g}); the features are degenerate")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
 
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:

@@ -1,5 +1,7 @@
 """evaluate: a classifier on real digits scores real data near its floor and an untrained generator far."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,7 +9,8 @@ import pytest
 from conftest import TINY_OVERRIDES, _mnist, default_params, merge
 from pipeline.config import config_from_dict
 from pipeline.data import scale_images
-from pipeline.evaluate import evaluate_generator, evaluate_report, feature_extractor, train_classifier
+from pipeline import metrics
+from pipeline.evaluate import embed, evaluate_generator, evaluate_report, feature_extractor, train_classifier
 from pipeline.models import build_generator
 
 
@@ -48,6 +51,17 @@ def test_untrained_generator_scores_far_worse_than_the_real_floor(untrained_resu
     assert result["kid"] > result["real_floor_kid"]
     assert result["real_floor_precision"] > result["precision"]
     assert result["real_floor_coverage"] > result["coverage"]
+
+
+def test_fid_on_features_with_dead_units_gives_no_singular_matrix_warning(setup):
+    _, classifier, _, train, _ = setup
+    features, _ = embed(feature_extractor(classifier), train[0][:200])
+    # The classifier's ReLU feature layer has units that are 0 on every digit (51 of 128 here), so every
+    # covariance FID sees is singular; that case must neither warn nor fail.
+    assert (features.max(axis=0) == 0).sum() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metrics.fid(features[:100], features[100:]) > 0
 
 
 def test_class_counts_add_up_and_modes_count_classes(untrained_result):

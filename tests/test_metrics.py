@@ -1,9 +1,11 @@
 """Sample-quality metrics checked against closed forms, plain loops, hand-worked examples and real MNIST digits."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 
 from pipeline import metrics
 
@@ -34,10 +36,48 @@ def test_fid_of_samples_approaches_the_population_value():
     assert metrics.fid(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_fid_refuses_a_significant_imaginary_part(monkeypatch):
-    monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", lambda m: np.eye(len(m)) * (1 + 0.5j))
-    with pytest.raises(ValueError, match="significant imaginary part"):
-        metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))
+def test_frechet_distance_refuses_a_matrix_that_is_not_a_covariance():
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        metrics.frechet_distance(np.zeros(2), np.diag([1.0, -0.5]), np.zeros(2), np.eye(2))
+
+
+def test_fid_refuses_non_finite_features():
+    features = np.random.default_rng(0).standard_normal((10, 3))
+    broken = features.copy()
+    broken[4, 1] = np.nan  # what a diverged generator's images give
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metrics.fid(features, broken)
+
+
+def test_fid_ignores_constant_features_without_a_singular_matrix_warning():
+    # Dead ReLU units of the classifier's feature layer: 0 for every image, real or generated.
+    rng = np.random.default_rng(0)
+    live_a = rng.standard_normal((500, 3))
+    live_b = rng.standard_normal((400, 3)) @ np.array([[2.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]]) + 1.0
+    dead_a, dead_b = np.zeros((500, 5)), np.zeros((400, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = metrics.fid(np.hstack([dead_a, live_a, dead_a]), np.hstack([dead_b, live_b, dead_b]))
+    # Constant dims add nothing to the means' distance or the traces: the reference is the live sub-space,
+    # where the covariances are non-singular and scipy's sqrtm is exact.
+    (mu1, s1), (mu2, s2) = metrics.gaussian_stats(live_a), metrics.gaussian_stats(live_b)
+    reference = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert value == pytest.approx(reference, rel=1e-10)
+
+
+def test_fid_of_fewer_samples_than_dimensions_matches_the_nuclear_norm_form():
+    # 40 samples in 64 dims: both covariances singular, as in training-time FID of 100 samples in 128 dims.
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((40, 64)), rng.standard_normal((30, 64)) * 1.5 + 0.2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = metrics.fid(a, b)
+    # Tr((S1 S2)^1/2) is the nuclear norm of A B^T for the scaled centred samples A, B (S1 = A^T A, S2 = B^T B).
+    ca, cb = (a - a.mean(0)) / np.sqrt(len(a) - 1), (b - b.mean(0)) / np.sqrt(len(b) - 1)
+    trace_sqrt = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
+    diff = a.mean(0) - b.mean(0)
+    reference = diff @ diff + np.sum(ca * ca) + np.sum(cb * cb) - 2 * trace_sqrt
+    assert value == pytest.approx(reference, rel=1e-10)
 
 
 def test_inception_score_matches_a_plain_loop():
