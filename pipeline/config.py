@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,6 +104,13 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class RegisterConfig:
+    margin: float = _spec(min=0.0, doc="FID points by which a new generator must beat the champion's to replace it")
+    min_memorization_ratio: float = _spec(min=0.0, doc="memorization_distance_ratio a new champion must exceed")
+    max_images: int = _spec(min=1, max=4096, doc="images one request to the served model may ask for")
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = _spec(min=0, max=2**32 - 1)
     generator: str = _spec(choices=GENERATOR_CHOICES, doc="the saved generator sample and evaluate use")
@@ -112,20 +120,45 @@ class Config:
     train: TrainConfig = _spec()
     sample: SampleConfig = _spec()
     evaluate: EvaluateConfig = _spec()
+    register: RegisterConfig = _spec()
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
-    """Returns the validated Config read from a params.yaml file."""
+    """Returns the validated Config read from a params.yaml file; a ConfigError says what to change in it."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"cannot read params file {path}: {e.strerror}") from e
+        raise ConfigError(f"cannot read params file {path}: {e.strerror}{_fix_hint(path)}") from e
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    return config_from_dict(raw)
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}{_fix_hint(path)}") from e
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{_fix_hint(path)}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Returns PyYAML's complaint on one line, with the line and column it points at."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
+
+
+def _fix_hint(path: Path) -> str:
+    """Returns how to put `path` right; inside `dvc exp run`, that its -S values are already written into it."""
+    if os.environ.get("DVC_EXP_NAME") and ".dvc/tmp/exps/" not in Path.cwd().as_posix() + "/":
+        # `dvc exp run -S key=value` writes the value into the workspace's params.yaml before any stage runs,
+        # and leaves it there when a stage fails: the file no longer matches git.
+        return (f"; `dvc exp run` writes its -S values into {path} before any stage runs, so the file now holds "
+                f"this value: correct it there, or restore the committed file with `git checkout {path}`")
+    if os.environ.get("DVC_EXP_NAME"):  # a queued experiment, in its own copy: the workspace is untouched
+        return "; queue the experiment again with a valid -S value"
+    return f"; correct it in {path} and run again"
 
 
 def config_from_dict(raw: Any) -> Config:

@@ -6,7 +6,9 @@ Keras examples, and a class-conditional DCGAN whose models take a class label as
 
 from __future__ import annotations
 
+import errno
 import math
+import zipfile
 from pathlib import Path
 
 import keras
@@ -14,6 +16,7 @@ import numpy as np
 from keras import layers
 
 from pipeline.config import ClassifierConfig, ModelConfig
+from pipeline.errors import PipelineError
 from pipeline.fused import BatchNormalization, Conv2D, Conv2DTranspose
 
 # The generator doubles the resolution twice (7 -> 14 -> 28 for MNIST, 8 -> 16 -> 32 for CIFAR-10).
@@ -147,8 +150,32 @@ def generate(generator: keras.Model, noise: np.ndarray, labels: np.ndarray | Non
     return np.concatenate(out)
 
 
+class ModelFileError(PipelineError):
+    """A model file that Keras cannot load, or that its safe mode refuses because it holds code."""
+
+
 def load_model(path: Path) -> keras.Model:
-    """Returns the model saved at `path`, loaded in Keras' safe mode (no arbitrary code)."""
+    """Returns the model saved at `path`, loaded in Keras' safe mode (no arbitrary code).
+
+    Raises FileNotFoundError (filename set) when there is none, ModelFileError when the file is not one of ours.
+    """
     if not path.exists():
-        raise FileNotFoundError(f"no model at {path}; run the stage that writes it first")
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+        raise FileNotFoundError(errno.ENOENT, "no model file", str(path))
+    # Every stage that saves a model is a DVC stage, so DVC's cache holds the pipeline's own copy of the file.
+    fix = f"put back the pipeline's own file with `dvc checkout --force {path}`, or rebuild it with `dvc repro`"
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as e:
+        if "safe_mode" not in str(e):
+            raise ModelFileError(f"{path} is not a Keras model file that loads ({_first_sentence(e)}); {fix}") from e
+        # Keras' own message suggests turning safe mode off: never, for a file this pipeline did not write.
+        raise ModelFileError(f"{path} holds Python code (e.g. a Lambda layer), which this pipeline never saves, "
+                             f"so it was not loaded; {fix}") from None
+    except (OSError, KeyError, TypeError, zipfile.BadZipFile) as e:  # h5py, a config naming no known class
+        raise ModelFileError(f"{path} is not a Keras model file that loads ({_first_sentence(e)}); {fix}") from e
+
+
+def _first_sentence(error: Exception) -> str:
+    """Returns the first sentence of `error`'s message, on one line."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text.split(". ")[0].rstrip(".")

@@ -3,6 +3,12 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+PARAMS = Path("params.yaml")
+# The params stage's output: it exists once params.yaml has passed validation (stages/params.py says why).
+PARAMS_CHECKED = Path("data/params.ok")
+
+# The download stage's output is the whole folder, a fixed path: an output path built from a param would let a
+# bad value (data.name: ../../mlflow.db) point DVC's deletion of a stage's outputs at any file.
 RAW_ROOT = Path("data/raw")  # + <dataset>/
 PROCESSED = Path("data/processed")
 TRAIN_SPLIT = PROCESSED / "train.npz"

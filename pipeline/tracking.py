@@ -120,12 +120,12 @@ class TrackedRun(mlflow.ActiveRun):
 
     def __exit__(self, exc_type, exc_val, exc_tb):
         unsent = self.buffer.flush(FLUSH_TIMEOUT_S)
-        if not unsent:
-            return super().__exit__(exc_type, exc_val, exc_tb)
-        log.error("%d metric values never reached the MLflow tracking store %s and are lost",
-                  unsent, masked(self.buffer.uri))
-        self.buffer.discard()
-        # The store is down: ending the run with MLflow's own retries would add minutes.
+        if unsent:
+            log.error("%d metric values never reached the MLflow tracking store %s and are lost",
+                      unsent, masked(self.buffer.uri))
+            self.buffer.discard()
+        # Ending the run is one more request: with MLflow's own retries, a store that went down after
+        # the last metric would hold the stage for minutes.
         try:
             return _reach(tracking_uri(), lambda: super(TrackedRun, self).__exit__(exc_type, exc_val, exc_tb))
         except TrackingUnavailable as e:
@@ -208,17 +208,50 @@ def experiment_id(name: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+class RunNotFound(PipelineError):
+    """The MLflow run that the train stage opened is gone: its run file is unreadable, or the store lacks the run."""
+
+
 def resume_run(run_file: Path = RUN_FILE) -> TrackedRun:
     """Returns the run that the train stage opened, re-activated so later stages log into it.
 
-    Raises TrackingUnavailable within seconds if the store does not answer.
+    Raises RunNotFound, naming the command that makes a new one, if `run_file` cannot be read or the store
+    no longer has the run (a deleted mlflow.db, another MLFLOW_TRACKING_URI), and TrackingUnavailable within
+    seconds if the store does not answer.
     """
     try:
         run_id = json.loads(run_file.read_text())["run_id"]
-    except (OSError, ValueError, KeyError) as e:
-        raise RuntimeError(f"cannot read the MLflow run id from {run_file}: {e}; run the train stage") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not a JSON object with a run_id"
+        raise RunNotFound(f"cannot read the MLflow run id from {run_file} ({reason}); the train stage writes it: "
+                          f"`dvc repro train`") from None
     uri = _use_store()
+    missing = _missing_run(uri, run_id)
+    if missing:
+        # Only the train stage can open a new run: the params, tags and training metrics are its to log. It
+        # resumes from its checkpoint, so no epoch is trained again.
+        raise RunNotFound(f"MLflow run {run_id} (from {run_file}) is not in the tracking store {masked(uri)}: "
+                          f"{missing}; let the train stage open a new one from its checkpoint, without training "
+                          f"again, then run the rest: `dvc repro -f -s train && dvc repro`")
     return TrackedRun(_reach(uri, lambda: mlflow.start_run(run_id=run_id)))
+
+
+def _missing_run(uri: str, run_id: str) -> str | None:
+    """Returns why the store at `uri` cannot give back run `run_id`, or None if it can."""
+    if uri.startswith("sqlite:///"):
+        # Asking MLflow would create an empty store in the place of the lost one.
+        database = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        if not database.is_file():
+            return f"{database} does not exist"
+    try:
+        run = _reach(uri, lambda: mlflow.MlflowClient().get_run(run_id))
+    except MlflowException as e:  # _reach lets only the store's own refusals through
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return "it has no such run"
+        raise
+    if run.info.lifecycle_stage == "deleted":
+        return f"the run is deleted (`mlflow runs restore --run-id {run_id}` brings it back)"
+    return None
 
 
 def _use_store() -> str:

@@ -18,11 +18,14 @@ def main() -> None:
     train, holdout = load_split(paths.TRAIN_SPLIT), load_split(paths.HOLDOUT_SPLIT)
     generators = {choice: load_model(paths.generator_path(choice)) for choice in ("best", "last")}
     classifier = load_model(paths.CLASSIFIER)
-    results = evaluate_report(config, generators, classifier, train, holdout,
-                              fid_history=pd.read_csv(paths.FID_HISTORY), report_path=paths.REPORT)
-    results["classifier_holdout_accuracy"] = json.loads(paths.CLASSIFIER_METRICS.read_text())["holdout_accuracy"]
-    write_json(paths.EVAL_METRICS, results)
+    fid_history = pd.read_csv(paths.FID_HISTORY)
+    classifier_accuracy = json.loads(paths.CLASSIFIER_METRICS.read_text())["holdout_accuracy"]
+    # The run first: a lost one fails the stage before minutes of evaluation, not after.
     with tracking.resume_run() as run:
+        results = evaluate_report(config, generators, classifier, train, holdout, fid_history=fid_history,
+                                  report_path=paths.REPORT)
+        results["classifier_holdout_accuracy"] = classifier_accuracy
+        write_json(paths.EVAL_METRICS, results)
         tracking.log_evaluation(run, results, paths.EVAL_METRICS, paths.REPORT)
 
 

@@ -10,6 +10,7 @@ from pipeline.sample import write_samples
 def main() -> None:
     config = load_config()
     generator = load_model(paths.generator_path(config.generator))
+    # The run before any output: a lost one fails the stage with nothing written.
     with tracking.resume_run() as run:
         write_samples(generator, config, paths.SAMPLES_NPZ, paths.SAMPLES_GRID, paths.SAMPLES_INTERPOLATION)
         tracking.log_samples(run, paths.SAMPLES_GRID, paths.SAMPLES_INTERPOLATION)

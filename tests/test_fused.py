@@ -11,6 +11,9 @@ from pipeline import fused
 from pipeline.fused import BatchNormalization
 from pipeline.models import build_discriminator, build_generator
 
+# Every test here compares TensorFlow's CPU kernels or the graph they pick: `make test` runs them with oneDNN on and off.
+pytestmark = pytest.mark.numerics
+
 
 def trained_once(layer_class, x, policy: str, **kwargs):
     """Returns (outputs, input and weight gradients, moving statistics) after one training call."""

@@ -1,11 +1,13 @@
-"""End to end: `dvc repro` in a fresh git repo runs all five stages into one MLflow run, then skips them all."""
+"""End to end: `dvc repro` in a fresh git repo runs every stage into one MLflow run, then skips them all.
+
+The module reproduces one project; tests that only read it share it, and each test that changes it (params,
+code, the DVC remote, a queued experiment) works on its own copy (conftest.copy_project), so the tests hold
+in any order.
+"""
 
 import json
 import re
-import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,10 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TINY_OVERRIDES, make_project, run
+from conftest import TINY_OVERRIDES, copy_project, make_project, run
 from imports import stage_closures
-
-STAGES = ("download", "normalize", "classifier", "train", "sample", "evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,22 @@ def project(tmp_path_factory):
     yield root, env, dvc, output.stdout
 
 
+@pytest.fixture
+def own_project(project, tmp_path):
+    """A copy of the reproduced project for a test that changes it: (root, env, dvc)."""
+    root, env, dvc, _ = project
+    return copy_project(root, tmp_path / "project"), env, dvc
+
+
+def stages(root: Path) -> list[str]:
+    """Returns the names of the stages in the project's dvc.yaml."""
+    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+
 def test_repro_runs_every_stage(project):
-    _, _, _, stdout = project
-    for stage in STAGES:
+    root, _, _, stdout = project
+    assert len(stages(root)) >= 6
+    for stage in stages(root):
         assert f"Running stage '{stage}'" in stdout
 
 
@@ -105,7 +118,7 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
 def test_rerun_skips_every_stage(project):
     root, env, dvc, _ = project
     stdout = run([dvc, "repro"], root, env).stdout
-    for stage in STAGES:
+    for stage in stages(root):
         assert f"Stage '{stage}' didn't change, skipping" in stdout
     assert "Running stage" not in stdout
 
@@ -122,11 +135,11 @@ def changed_deps(status: dict) -> dict[str, dict[str, str]]:
             for stage, entries in status.items()}
 
 
-def test_editing_a_code_file_changes_exactly_the_stages_whose_imports_reach_it(project):
+def test_editing_a_code_file_changes_exactly_the_stages_whose_imports_reach_it(own_project):
     # `dvc status` names a stage only for its own changed deps or outs: a stage downstream of a changed one is
     # not named (its deps, the upstream outputs, are unchanged until upstream reruns). So editing a module must
     # name exactly the stages that import it, each with that module as its one changed dep.
-    root, env, dvc, _ = project
+    root, env, dvc = own_project
     closures = stage_closures(yaml.safe_load((root / "dvc.yaml").read_text())["stages"], root)
     assert dvc_status(root, env, dvc) == {}
     reported, expected = {}, {}
@@ -134,14 +147,11 @@ def test_editing_a_code_file_changes_exactly_the_stages_whose_imports_reach_it(p
         name = path.relative_to(root).as_posix()
         original = path.read_bytes()
         path.write_bytes(original + b"\n# edited\n")
-        try:
-            reported[name] = changed_deps(dvc_status(root, env, dvc))
-        finally:
-            path.write_bytes(original)
+        reported[name] = changed_deps(dvc_status(root, env, dvc))
+        path.write_bytes(original)  # one edit at a time
         expected[name] = {stage: {name: "modified"} for stage, code in closures.items()
                           if any(str(file) == name for file in code)}
     assert reported == expected
-    assert dvc_status(root, env, dvc) == {}  # restored bytes: the later tests see the project as `dvc repro` left it
 
 
 def test_plots_draw_the_three_curves_first_then_each_picture_once(project, tmp_path):
@@ -160,17 +170,12 @@ def test_plots_draw_the_three_curves_first_then_each_picture_once(project, tmp_p
             "static/workspace_reports_train_grids_epoch_0001.png"} == set(images)
 
 
-def test_changing_epochs_invalidates_only_train_and_after(project):
-    root, env, dvc, _ = project
-    params_path = root / "params.yaml"
-    original = params_path.read_text()
-    params = yaml.safe_load(original)
+def test_changing_epochs_invalidates_only_train_and_after(own_project):
+    root, env, dvc = own_project
+    params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["epochs"] = 2
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        stdout = run([dvc, "repro", "--dry"], root, env).stdout
-    finally:
-        params_path.write_text(original)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stdout = run([dvc, "repro", "--dry"], root, env).stdout
     assert "Running stage 'train'" in stdout
     assert "Running stage 'download'" not in stdout and "Running stage 'normalize'" not in stdout
 
@@ -192,18 +197,18 @@ def test_tracking_uri_from_the_environment_wins(monkeypatch, tmp_path):
     assert tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
 
-def test_push_sends_data_and_models_to_the_default_remote(project):
-    root, env, dvc, _ = project
+def test_push_sends_data_and_models_to_the_default_remote(own_project):
+    root, env, dvc = own_project
     run([dvc, "push"], root, env)
     assert len([p for p in (root / ".dvc-remote").rglob("*") if p.is_file()]) >= 10
     status = run([dvc, "status", "--cloud"], root, env).stdout
     assert "Cache and remote 'local' are in sync" in status
 
 
-def test_queued_experiment_runs_in_a_copy_and_logs_into_the_project_store(project):
+def test_queued_experiment_runs_in_a_copy_and_logs_into_the_project_store(own_project):
     from mlflow.tracking import MlflowClient
 
-    root, env, dvc, _ = project
+    root, env, dvc = own_project
     run([dvc, "exp", "run", "--queue", "-n", "two-epochs", "-S", "train.epochs=2"], root, env)
     run([dvc, "queue", "start"], root, env)
     deadline = time.monotonic() + 600
@@ -223,3 +228,5 @@ def test_queued_experiment_runs_in_a_copy_and_logs_into_the_project_store(projec
     assert len(queued) == 1
     assert queued[0].data.params["train.epochs"] == "2" and "fid" in queued[0].data.metrics
     assert queued[0].data.tags["dvc.exp_baseline_rev"] == queued[0].data.tags["git.commit"]
+    # Its artifacts too land in the project, not in the temporary copy DVC deletes after the run.
+    assert Path(queued[0].info.artifact_uri.removeprefix("file://")).is_relative_to(root / "mlruns")

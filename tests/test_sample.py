@@ -12,6 +12,7 @@ def generator(tiny_config):
     return build_generator(tiny_config.model, tiny_config.train.latent_dim, (28, 28, 1))
 
 
+@pytest.mark.numerics
 def test_samples_are_uint8_nhwc_and_repeat_for_the_same_seed(generator):
     first = sample_images(generator, 8, seed=3)
     assert first.dtype == np.uint8 and first.shape == (8, 28, 28, 1)

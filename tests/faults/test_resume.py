@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY_OVERRIDES, make_project, merge, run
+from conftest import TINY_OVERRIDES, copy_project, make_project, merge, run
 
 EPOCHS = 8
 OVERRIDES = merge(TINY_OVERRIDES, {"train": {"epochs": EPOCHS, "checkpoint_every": 1, "eval_every": 2},
@@ -87,8 +87,9 @@ def test_resumed_stage_writes_every_output_of_an_uninterrupted_run(resumed):
     assert json.loads((root / "metrics/train.json").read_text())["epochs"] == EPOCHS
 
 
-def test_changed_params_start_fresh_and_say_why(resumed):
+def test_changed_params_start_fresh_and_say_why(resumed, tmp_path):
     root, env, dvc, _, _ = resumed
+    root = copy_project(root, tmp_path / "project")  # the other tests see the resumed project unchanged
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["lr"] = 0.0001
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

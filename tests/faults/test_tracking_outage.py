@@ -1,5 +1,9 @@
 """Tracking outages, injected for real: a local `mlflow server` killed and restarted mid-run, a
-network outage (the URI switched to a closed port), a dead and a hanging server at the start."""
+network outage (the URI switched to a closed port), a dead and a hanging server at the start.
+
+Time limits here tell "fails fast" from MLflow's default of minutes of retries and timeouts; they leave
+room for a shared machine several times slower than a quiet one.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +41,10 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner process: a faster start
@@ -48,7 +56,7 @@ class MlflowServer:
         # Its own session: stop() kills the server and its uvicorn worker together.
         self.process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
             try:
@@ -68,11 +76,20 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def module_server(tmp_path_factory):
+    """One `mlflow server` for the module (its start takes seconds); stopped after the last test."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def server(module_server):
+    """The module's server, answering when the test starts whatever an earlier test did to it (a test that
+    kills it and fails before restarting it costs the next test a restart, not a failure)."""
+    if not module_server.running:
+        module_server.start()
+    return module_server
 
 
 @pytest.fixture
@@ -82,14 +99,18 @@ def config():
 
 @pytest.fixture(autouse=True)
 def clean_tracking(tmp_path, monkeypatch):
+    """Leaves MLflow as a test found it, even one that failed mid-run: no active run, no tracking URI set."""
     monkeypatch.chdir(tmp_path)  # a local store's ./mlruns lands here
+    # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ: monkeypatch restores it after the test.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
-    while mlflow.active_run():
+    while mlflow.active_run():  # end_run takes the run off the stack before it calls the store
         try:
             with tracking.http_limits(max_retries=0, backoff_factor=0, timeout=2):
                 mlflow.end_run()
         except Exception:
             pass
+    mlflow.set_tracking_uri(None)  # not the URI of this test's (perhaps closed) server for the next one
 
 
 def log_steps(run: tracking.TrackedRun, steps: range) -> list[float]:
@@ -125,7 +146,7 @@ def test_metrics_logged_while_the_server_restarts_all_reach_it_once(server, conf
         assert len(run.buffer) == 0
         server.stop()
         durations = log_steps(run, range(5, 11))  # must neither raise nor wait for the dead server
-        assert max(durations) < 2, durations
+        assert max(durations) < 10, durations  # a refused connection, no retries: milliseconds; MLflow's: minutes
         assert len(run.buffer) == 6 * len(KEYS)
         warnings = messages(caplog, logging.WARNING)
         assert len(warnings) == 1 and "does not answer" in warnings[0] and server.url in warnings[0]
@@ -154,7 +175,7 @@ def test_a_full_buffer_drops_the_oldest_and_the_rest_is_sent_when_the_run_ends(s
         assert "(10 so far in this outage)" in drops[-1]
         started = time.monotonic()
         assert run.buffer.flush(timeout=1.5) == 3 * len(KEYS)  # a flush gives up after its timeout
-        assert 1.4 < time.monotonic() - started < 5
+        assert 1.5 <= time.monotonic() - started < 1.5 + 10  # it tried until then; and not FLUSH_TIMEOUT_S
         mlflow.set_tracking_uri(server.url)  # the network is back; nothing else is logged
     assert_on_server(server.url, run.info.run_id, [1, 2, 8, 9, 10])
 
@@ -166,7 +187,7 @@ def test_an_unreachable_server_fails_the_start_fast_naming_the_uri_without_crede
     started = time.monotonic()
     with pytest.raises(tracking.TrackingUnavailable) as error:
         tracking.start_run(config, MANIFEST, tmp_path / "run.json")
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60  # three refused tries in about 3 s; MLflow's retries: minutes
     message = str(error.value)
     assert closed.replace("http://", "http://***@") in message and "MLFLOW_TRACKING_URI" in message
     assert "s3cr" not in message and "alice" not in message and "s3cr" not in caplog.text
@@ -185,7 +206,7 @@ def test_a_server_that_accepts_but_never_answers_fails_the_start_within_the_time
         started = time.monotonic()
         with pytest.raises(tracking.TrackingUnavailable, match="cannot reach the MLflow tracking store"):
             tracking.start_run(config, MANIFEST, tmp_path / "run.json")
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 30  # two 1 s timeouts; MLflow's defaults: 120 s each, 7 retries
 
 
 def test_a_run_that_ends_while_the_store_is_unreachable_says_what_was_lost_within_seconds(
@@ -199,6 +220,19 @@ def test_a_run_that_ends_while_the_store_is_unreachable_says_what_was_lost_withi
             mlflow.set_tracking_uri(closed_port_url())
             log_steps(run, range(1, 4))
             started = time.monotonic()
-    assert time.monotonic() - started < 10  # not MLflow's four minutes of retries
+    assert time.monotonic() - started < 60  # a 1 s flush timeout, not MLflow's four minutes of retries
     assert f"{3 * len(KEYS)} metric values never reached" in caplog.text
     assert len(run.buffer) == 0 and mlflow.active_run() is None
+
+
+def test_a_store_lost_after_the_last_metric_fails_the_run_end_within_seconds(server, config, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    with pytest.raises(tracking.TrackingUnavailable, match="cannot reach the MLflow tracking store"):
+        with tracking.start_run(config, MANIFEST, tmp_path / "run.json") as run:
+            log_steps(run, range(1, 3))
+            assert len(run.buffer) == 0  # everything sent: only ending the run is left
+            server.stop()
+            started = time.monotonic()
+    assert time.monotonic() - started < 60  # START_HTTP's retries, not MLflow's four minutes
+    assert mlflow.active_run() is None
