@@ -53,26 +53,68 @@ def gan_arrays(gan, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+def roles(gan) -> dict[str, str]:
+    """Returns what each variable of gan_arrays(gan) holds, by key: "weight" (trainable), "statistic"
+    (BatchNorm's moving mean or variance), "iteration", "learning_rate", "momentum", "velocity", or
+    "average of <key>" for the generator's moving average of the weight at <key>. Builds the optimizers.
+    """
+    gan.optimizer.build()
+    out, where = {}, {}
+    for part in ("generator", "discriminator"):
+        model = getattr(gan, part)
+        trainable = {id(v) for v in model.trainable_variables}
+        for i, variable in enumerate(model.weights):
+            out[f"{part}/{i}"] = "weight" if id(variable) in trainable else "statistic"
+            where[id(variable)] = f"{part}/{i}"
+    for part in ("g_optimizer", "d_optimizer"):
+        optimizer = getattr(gan, part)
+        averages = optimizer._model_variables_moving_average if optimizer.use_ema else []
+        averaged = {id(a): where[id(v)] for a, v in zip(averages, gan.generator.trainable_variables)}
+        for i, variable in enumerate(optimizer.variables):
+            if id(variable) in averaged:
+                out[f"{part}/{i}"] = f"average of {averaged[id(variable)]}"
+            else:
+                out[f"{part}/{i}"] = next(r for r in ("iteration", "learning_rate", "momentum", "velocity")
+                                          if variable.path.endswith(r))
+    return out
+
+
 def one_step(params: dict, weights: dict[str, np.ndarray], noise: np.ndarray, fake_labels: np.ndarray | None,
-             images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+             images: np.ndarray, labels: np.ndarray, adam_epsilon: float | None = None,
+             smooth: bool = False) -> dict[str, np.ndarray]:
     """Returns the GAN's variables and metrics after one fit() step on `images` from the given weights.
 
     Every draw of the latent returns `noise` (and `fake_labels`): the backends' random streams differ.
+    `adam_epsilon`, when given, replaces both optimizers' epsilon (params.yaml has no key for it);
+    with `smooth`, every LeakyReLU is `smooth_leaky_relu`.
     """
     gan = build_gan(config_from_dict(params), tuple(images.shape[1:]))
+    if adam_epsilon is not None:
+        gan.d_optimizer.epsilon = gan.g_optimizer.epsilon = adam_epsilon
     for part in ("generator", "discriminator"):
         model = getattr(gan, part)
         model.set_weights([weights[f"{part}/{i}"] for i in range(len(model.weights))])
-    original = GAN._latent
+    original, leaky_relu = GAN._latent, keras.layers.LeakyReLU.call
     GAN._latent = lambda self, batch: (ops.convert_to_tensor(noise),
                                        None if fake_labels is None else ops.convert_to_tensor(fake_labels))
+    if smooth:
+        keras.layers.LeakyReLU.call = lambda self, inputs: smooth_leaky_relu(inputs, self.negative_slope)
     try:
         history = gan.fit(images, labels if gan.conditional else None, batch_size=len(images), epochs=1,
                           shuffle=False, verbose=0)
     finally:
-        GAN._latent = original
+        GAN._latent, keras.layers.LeakyReLU.call = original, leaky_relu
     logs = {f"logs/{name}": np.float32(values[-1]) for name, values in history.history.items()}
     return {**gan_arrays(gan), **logs}
+
+
+def smooth_leaky_relu(x, negative_slope: float):
+    """Returns LeakyReLU without its kink: x (s + (1 - s) sigmoid(x)), the same slopes far from 0.
+
+    At LeakyReLU's kink a pre-activation that rounds to 0 from either side takes a different slope,
+    so one rounding apart changes a gradient by a whole term: smooth, a rounding apart stays one.
+    """
+    return x * (negative_slope + (1.0 - negative_slope) * ops.sigmoid(x))
 
 
 def train(params: dict, images: np.ndarray, labels: np.ndarray, workdir: Path, resume: bool) -> dict[str, np.ndarray]:
@@ -165,7 +207,7 @@ def main(jobs_path: str, results: str) -> None:
             else:
                 weights = {k.split(":", 1)[1]: v for k, v in inputs.items() if k.startswith("weights:")}
                 out = one_step(job["params"], weights, inputs["noise"], inputs.get("fake_labels"), inputs["images"],
-                               inputs["labels"])
+                               inputs["labels"], job.get("adam_epsilon"), job.get("smooth", False))
             out["tensorflow_imported"] = np.bool_(sys.modules.get("tensorflow") is not None)
             out["backend"] = np.array(keras.backend.backend())
             np.savez(results_dir / f"{name}.npz", **out)

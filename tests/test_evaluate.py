@@ -1,17 +1,20 @@
 """evaluate: a classifier on real digits scores real data near its floor and an untrained generator far."""
 
+import dataclasses
 import warnings
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
+from keras import layers, ops
 
 from conftest import TINY_OVERRIDES, _mnist, default_params, merge
 from pipeline.config import config_from_dict
 from pipeline.data import scale_images
-from pipeline import metrics
+from pipeline import metrics, paths
 from pipeline.evaluate import embed, evaluate_generator, evaluate_report, feature_extractor, train_classifier
-from pipeline.models import build_generator
+from pipeline.models import NUM_CLASSES, build_generator
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +87,82 @@ def test_report_states_best_and_last_and_draws_the_picture(setup, tmp_path):
     assert result["last_epoch"] == 15 and result["train_last_fid"] == 20.0
     assert result["fid_best"] == result["fid"] and np.isfinite(result["fid_last"])
     assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generator_last_is_the_one_evaluated_and_named_in_the_report(setup, tmp_path, monkeypatch):
+    config, classifier, _, train, holdout = setup
+    config = dataclasses.replace(config, generator="last")
+    generators = {}
+    for seed, name in enumerate(("best", "last")):  # two different generators
+        keras.utils.set_random_seed(seed)
+        generators[name] = build_generator(config.model, config.train.latent_dim, (28, 28, 1))
+    titles = []
+    monkeypatch.setattr("pipeline.evaluate.draw_report", lambda *args, title: titles.append(title))
+    history = pd.DataFrame({"epoch": [5, 10, 15], "fid": [30.0, 12.0, 20.0], "kid": [0.3, 0.1, 0.2]})
+    result = evaluate_report(config, generators, classifier, train, holdout, history, tmp_path / "report.png")
+    assert result["fid"] == result["fid_last"] != result["fid_best"]
+    assert titles[0].startswith("mnist: generator 'last' (epoch 15)")
+
+
+@pytest.mark.parametrize(("choice", "saved"), [("best", paths.GENERATOR_BEST), ("last", paths.GENERATOR)])
+def test_generator_choice_names_the_file_training_saves_it_to(choice, saved):
+    # save_models writes the last (averaged) generator to GENERATOR; the best-FID one goes to GENERATOR_BEST.
+    assert paths.generator_path(choice) == saved
+
+
+def digits_on_request(digits: np.ndarray, latent_dim: int, label_of) -> keras.Model:
+    """Returns a conditional "generator" whose image for (noise, label) is one of digits[label_of(label, noise)].
+
+    `digits` is (10, K, 28, 28, 1), real digits by class; the noise's largest of its first K entries picks one.
+    """
+    per_class = digits.shape[1]
+    table = ops.convert_to_tensor(digits.reshape(-1, *digits.shape[2:]))
+
+    def draw(inputs):
+        noise, label = inputs
+        which = ops.cast(ops.argmax(noise[:, :per_class], axis=1), "int32")
+        return ops.take(table, label_of(ops.reshape(label, (-1,)), noise) * per_class + which, axis=0)
+
+    noise, label = keras.Input((latent_dim,)), keras.Input((1,), dtype="int32")
+    return keras.Model([noise, label], layers.Lambda(draw, output_shape=digits.shape[2:])([noise, label]))
+
+
+@pytest.fixture(scope="module")
+def recognised_holdout_digits(setup) -> np.ndarray:
+    """(10, 5, 28, 28, 1): five holdout digits of each class that the classifier classifies correctly.
+
+    Clearly: the right class's logit leads the next by more than 1, far beyond what rounding in
+    another batch size could change.
+    """
+    _, classifier, _, _, (images, labels) = setup
+    logits = classifier.predict(images, verbose=0)
+    top_two = np.sort(logits, axis=1)[:, -2:]
+    clear = (np.argmax(logits, axis=1) == labels) & (top_two[:, 1] - top_two[:, 0] > 1.0)
+    return np.stack([images[clear & (labels == c)][:5] for c in range(NUM_CLASSES)])
+
+
+def test_conditional_accuracy_is_one_when_every_sample_is_a_recognised_digit_of_the_class_asked_for(
+        setup, recognised_holdout_digits):
+    config, classifier, _, train, holdout = setup
+    generator = digits_on_request(recognised_holdout_digits, config.train.latent_dim, lambda label, noise: label)
+    result = evaluate_generator(config, generator, feature_extractor(classifier), train, holdout)
+    assert result["conditional_accuracy"] == 1.0
+    assert [result[f"conditional_accuracy_{c}"] for c in range(NUM_CLASSES)] == [1.0] * NUM_CLASSES
+
+
+def test_conditional_accuracy_is_zero_when_every_sample_is_of_the_next_class(setup, recognised_holdout_digits):
+    config, classifier, _, train, holdout = setup
+    generator = digits_on_request(recognised_holdout_digits, config.train.latent_dim,
+                                  lambda label, noise: (label + 1) % NUM_CLASSES)
+    result = evaluate_generator(config, generator, feature_extractor(classifier), train, holdout)
+    assert result["conditional_accuracy"] == 0.0
+
+
+def test_conditional_accuracy_is_chance_when_the_generator_ignores_the_label(setup, recognised_holdout_digits):
+    config, classifier, _, train, holdout = setup
+    # The class comes from the noise instead: right one time in ten.
+    generator = digits_on_request(recognised_holdout_digits, config.train.latent_dim,
+                                  lambda label, noise: ops.cast(ops.argmax(noise[:, -NUM_CLASSES:], axis=1), "int32"))
+    result = evaluate_generator(config, generator, feature_extractor(classifier), train, holdout)
+    # 100 samples: a binomial(100, 0.1) count lies in [2, 20] with probability 0.998.
+    assert result["num_samples"] == 100 and 0.02 <= result["conditional_accuracy"] <= 0.2

@@ -51,6 +51,19 @@ def test_unknown_precision_is_refused_naming_the_key(tiny_params):
         config_with(tiny_params, mixed_precision="float16")
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize(("precision", "policy"), [("float32", "float32"), ("bfloat16", "mixed_bfloat16")])
+def test_training_runs_in_the_precision_asked_for_whatever_the_cpu(precision, policy, tiny_params, scaled_digits,
+                                                                   classifier, tmp_path):
+    # Explicit settings, not `auto`, which would take whichever one this CPU suits (devices.dtype_policy).
+    gan, history, fid_history = train_gan(config_with(tiny_params, mixed_precision=precision), scaled_digits[0][:64],
+                                          scaled_digits[1][:64], classifier, TrainOutputs(tmp_path), verbose=0)
+    for model in (gan.generator, gan.discriminator):
+        assert {layer.dtype_policy.name for layer in model.layers if layer.weights} == {policy}
+    assert np.isfinite(history[["d_loss", "g_loss"]].to_numpy()).all() and np.isfinite(fid_history["fid"]).all()
+    assert int(gan.g_optimizer.iterations) == 2  # 64 digits in batches of 32
+
+
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_variables(tiny_params):
     gan = build_gan(config_with(tiny_params, mixed_precision="bfloat16"), (28, 28, 1))
     for model in (gan.generator, gan.discriminator):
@@ -93,16 +106,14 @@ def test_averaged_generator_holds_the_optimizers_moving_average(tiny_params, sca
         np.testing.assert_array_equal(ops.convert_to_numpy(variable), value)
 
 
-def test_without_ema_the_saved_generator_has_the_trained_weights(tiny_params, scaled_digits, classifier, tmp_path,
-                                                                 monkeypatch):
+def test_without_ema_the_saved_generator_has_the_trained_weights(tiny_params, scaled_digits, classifier, tmp_path):
     gan, _, _ = train_gan(config_with(tiny_params, ema=0.0), *scaled_digits, classifier,
                           TrainOutputs(tmp_path), verbose=0)
     for a, b in zip(averaged_generator(gan).get_weights(), gan.generator.get_weights()):
         np.testing.assert_array_equal(a, b)
 
 
-def test_the_moving_average_trails_the_trained_weights(tiny_params, scaled_digits, classifier, tmp_path,
-                                                      monkeypatch):
+def test_the_moving_average_trails_the_trained_weights(tiny_params, scaled_digits, classifier, tmp_path):
     """A decay near 1 keeps the average near the start; a small one follows the weights closely."""
     distances = {}
     for ema in (0.5, 0.9999):
@@ -120,7 +131,7 @@ def test_jit_compile_param_sets_xla_for_the_step(jit_compile, tiny_params):
     assert gan.jit_compile is jit_compile
 
 
-def test_xla_training_runs(tiny_params, scaled_digits, classifier, tmp_path, monkeypatch):
+def test_xla_training_runs(tiny_params, scaled_digits, classifier, tmp_path):
     config = config_with(tiny_params, jit_compile=True, mixed_precision="float32")
     _, history, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier,
                               TrainOutputs(tmp_path), verbose=0)

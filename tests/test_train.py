@@ -1,12 +1,15 @@
 """train: one epoch on real digits writes history, grids and a checkpoint that restores exactly."""
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import merge
 from pipeline import paths
 from pipeline.checkpoint import restore_checkpoint
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.models import load_model
 from pipeline.paths import TrainOutputs
 from pipeline.train import METRIC_NAMES, averaged_generator, build_gan, train_gan
 
@@ -63,20 +66,34 @@ def test_fid_schedule_is_written_and_the_best_generator_kept(trained, tmp_path):
     assert (tmp_path / paths.GENERATOR_BEST).exists()
 
 
-def test_best_generator_is_the_epoch_with_the_lowest_fid(tiny_params, scaled_digits, classifier, tmp_path):
-    from conftest import merge
-    from pipeline.config import config_from_dict
-    from pipeline.models import fixed_noise, generate, load_model
+class AveragedGenerators(keras.callbacks.Callback):
+    """Records the averaged generator's weights at the end of each epoch."""
 
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(averaged_generator(self.model).get_weights())
+
+
+@pytest.mark.parametrize(("fids", "best_epoch"), [([30.0, 10.0, 20.0], 2), ([10.0, 20.0, 30.0], 1)],
+                         ids=["best-in-the-middle", "best-first"])
+def test_the_best_generator_is_the_averaged_generator_of_the_epoch_with_the_lowest_fid(
+        fids, best_epoch, tiny_params, scaled_digits, classifier, tmp_path, monkeypatch):
+    scripted = iter(fids)
+    monkeypatch.setattr("pipeline.train.fid_scorer",
+                        lambda *args: lambda generator: {"fid": next(scripted), "kid": 0.0})
     config = config_from_dict(merge(tiny_params, {"train": {"epochs": 3}}))
-    gan, _, fid_history = train_gan(config, scaled_digits[0][:256], scaled_digits[1][:256], classifier,
-                                    TrainOutputs(tmp_path), verbose=0)
-    best_epoch = int(fid_history.loc[fid_history["fid"].idxmin(), "epoch"])
-    noise = fixed_noise(0, 4, config.train.latent_dim)
-    best = generate(load_model(tmp_path / paths.GENERATOR_BEST), noise)
-    last = generate(averaged_generator(gan), noise)
-    assert fid_history["epoch"].tolist() == [1, 2, 3]
-    assert np.array_equal(best, last) == (best_epoch == 3)
+    outputs, averaged = TrainOutputs(tmp_path), AveragedGenerators()
+    _, _, fid_history = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier, outputs,
+                                  callbacks=[averaged], verbose=0)
+    assert fid_history["fid"].tolist() == fids
+    saved = load_model(outputs.generator_best).get_weights()
+    checkpointed = restore_checkpoint(build_gan(config, (28, 28, 1)), outputs.checkpoint)
+    for kept in (saved, checkpointed):
+        assert all(np.array_equal(a, b) for a, b in zip(kept, averaged.weights[best_epoch - 1], strict=True))
+        assert not all(np.array_equal(a, b) for a, b in zip(kept, averaged.weights[-1], strict=True))
 
 
 def test_batch_larger_than_dataset_is_refused_before_training(tiny_config, scaled_digits, classifier, tmp_path):
