@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 # DVC runs each stage's `python -m stages.<name>` through the shell: put the venv's python first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install init run test repro exp status ui
+.PHONY: install init run test repro exp status ui serve models promote
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,24 @@ status: install
 # The MLflow UI for the project's store, reachable from this machine only.
 ui: install
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
+
+# The model lifecycle (README, "Model lifecycle"): the registered model of params.yaml's dataset and architecture
+# unless MODEL=... names another. `make serve` serves its champion on http://127.0.0.1:$(PORT)/invocations,
+# `make models` lists its versions, `make promote VERSION=N` makes version N the champion (rollback).
+MODEL ?=
+VERSION ?=
+MODEL_OPTION = $(if $(MODEL),--model $(MODEL))
+
+serve: install
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} mlflow models serve \
+	  -m "models:/$${MODEL:-$$(python -m pipeline.registry name)}@champion" --env-manager local -h 127.0.0.1 -p $(PORT)
+
+models: install
+	python -m pipeline.registry list $(MODEL_OPTION)
+
+promote: install
+	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=N [MODEL=name]"; exit 2; }
+	python -m pipeline.registry promote $(VERSION) $(MODEL_OPTION)
 
 # The whole suite with oneDNN on (TF_ENABLE_ONEDNN_OPTS=1, as TensorFlow runs on recent Intel CPUs), then the
 # tests marked `numerics` again with oneDNN off and its kernels capped at AVX2, as on AMD CPUs. Both runs go,

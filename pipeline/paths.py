@@ -37,6 +37,7 @@ REPORT = Path("reports/eval/report.png")
 CLASSIFIER_METRICS = Path("metrics/classifier.json")
 TRAIN_METRICS = Path("metrics/train.json")
 EVAL_METRICS = Path("metrics/eval.json")
+PROMOTION_METRICS = Path("metrics/promotion.json")
 
 
 def raw_dir(dataset: str) -> Path:
