@@ -61,6 +61,12 @@ PACKAGE = Path(__file__).resolve().parent
 # metrics/eval.json keys copied to each version's tags as metric.<key>.
 HEADLINE_METRICS = ("fid", "kid", "precision", "recall", "density", "coverage", "inception_score", "modes",
                     "class_kl", "memorization_distance_ratio", "real_floor_fid", "conditional_accuracy")
+MODEL_DESCRIPTION = (
+    "DCGAN generators trained by the pipeline's `dvc repro`, one version per run. `@champion` is the served "
+    "version (`make serve`): the register stage moves it only to a version whose FID beats the champion's, "
+    "re-scored by the same evaluator, by `register.margin`, with no fewer classes and no memorization; "
+    "others become `@challenger`. Each version's tags hold its metrics (`metric.*`), data, code and params "
+    "hashes and the decision (`promotion.*`). Roll back: `python -m pipeline.registry promote N`.")
 GENERATOR_SHA = "generator.sha256"
 DECISION = "promotion.decision"
 REASONS = "promotion.reasons"
@@ -124,6 +130,15 @@ def version_tags(config: Config, metrics: Mapping[str, float], manifest: Mapping
     return tags
 
 
+def version_description(tags: Mapping[str, str]) -> str:
+    """Returns a version's one-paragraph summary: its headline metrics, data and code, from its tags."""
+    metrics = ", ".join(f"{key} {float(tags[f'metric.{key}']):.4g}" for key in HEADLINE_METRICS
+                        if f"metric.{key}" in tags)
+    data = tags.get("data.name", "?") + (" (offline subset)" if tags.get("data.offline_fallback") == "true" else "")
+    return (f"{metrics}. Data: {data}, sha256 {tags.get('data.sha256', '?')[:12]}; "
+            f"git {tags.get('git.commit', '?')[:12]}; params {tags.get('params.hash', '?')[:12]}.")
+
+
 def client() -> MlflowClient:
     """Returns a client of the project's store (MLFLOW_TRACKING_URI, else mlflow.db), which must exist."""
     uri = tracking._use_store()  # the same store as the runs
@@ -185,13 +200,13 @@ def register_version(registry: MlflowClient, name: str, run_id: str, generator_p
                               keras.backend.backend(), f"numpy=={np.__version__}"])
         registry.log_artifacts(run_id, str(local), artifact_path)  # the same bytes again after a crash
     try:
-        registry.create_registered_model(name, description="DCGAN generators of one dataset and architecture; "
-                                                            "`champion` is the one served")
+        registry.create_registered_model(name, description=MODEL_DESCRIPTION)
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     source = f"{registry.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = registry.create_model_version(name, source, run_id=run_id, tags=dict(tags))
+    version = registry.create_model_version(name, source, run_id=run_id, tags=dict(tags),
+                                            description=version_description(tags))
     log.info("registered %s version %s from run %s", name, version.version, run_id)
     return version
 
@@ -271,7 +286,7 @@ def apply_alias(registry: MlflowClient, name: str, version: str, alias: str) -> 
 
 def log_promotion(run: tracking.TrackedRun, result: Mapping[str, Any], path: Path) -> None:
     """Logs the register stage's decision to `run`: numbers as promotion.* metrics, words as tags, the file."""
-    run.log_metrics({f"promotion.{k}": v for k, v in result.items()})
+    run.log_metrics(tracking.grouped(tracking.PROMOTION, result))
     run.set_tags({"promotion.decision": str(result["decision"]), "promotion.reasons": str(result["reasons"]),
                   "promotion.version": str(result["version"])})
     mlflow.log_artifact(str(path), artifact_path="metrics")

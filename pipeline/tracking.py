@@ -28,7 +28,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import keras
 import mlflow
+import mlflow.data
 import yaml
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.environment_variables import (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES,
                                           MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT)
 from mlflow.exceptions import MlflowException
@@ -61,6 +64,11 @@ RETRY_MAX_S = 60.0
 FLUSH_TIMEOUT_S = 30.0
 # The train stage's run id, for the stages after it that log into the same run.
 RUN_FILE = Path("models/mlflow_run.json")
+# Metric key prefixes: MLflow's UI draws each `<prefix>/` as a section of the run's charts, so the
+# per-epoch training curves, the evaluation and the promotion decision are not one alphabetical list.
+TRAIN, EVAL, PROMOTION = "train", "eval", "promotion"
+# An SQL store keeps a dataset digest of at most 36 characters (the full sha256 is the run's data.sha256 tag).
+DIGEST_CHARS = 36
 
 
 class TrackingUnavailable(PipelineError):
@@ -157,8 +165,8 @@ class EpochLogger(keras.callbacks.Callback):
                 continue
             values = {k: v for k, v in row.items() if k != "epoch"}
             if epoch in fid_rows:
-                values.update(train_fid=fid_rows[epoch]["fid"], train_kid=fid_rows[epoch]["kid"])
-            self.run.log_metrics(values, step=epoch, timestamp_ms=state.log_times[str(epoch)])
+                values.update(fid=fid_rows[epoch]["fid"], kid=fid_rows[epoch]["kid"])
+            self.run.log_metrics(grouped(TRAIN, values), step=epoch, timestamp_ms=state.log_times[str(epoch)])
         self.logged_epoch = state.epoch
 
     def on_warning(self, name: str, message: str) -> None:
@@ -167,8 +175,8 @@ class EpochLogger(keras.callbacks.Callback):
 
 
 def start_run(config: Config, manifest: Mapping[str, Any], run_file: Path = RUN_FILE,
-              resume_run_id: str | None = None) -> TrackedRun:
-    """Returns the active run, its params and tags logged, its id in `run_file`.
+              resume_run_id: str | None = None, dataset: tuple[Any, Any] | None = None) -> TrackedRun:
+    """Returns the active run, its params and tags (and a new run's `dataset` input) logged, its id in `run_file`.
 
     The run is `resume_run_id`'s when the store still has it (a resumed training), else a new one
     in the dataset's experiment. Raises TrackingUnavailable within seconds if the store does not answer.
@@ -184,6 +192,8 @@ def start_run(config: Config, manifest: Mapping[str, Any], run_file: Path = RUN_
     else:
         run = mlflow.start_run(experiment_id=experiment, run_name=run_name(config), tags=run_tags(manifest))
         mlflow.log_params(params)
+        if dataset is not None:
+            log_dataset(config, manifest, *dataset)
     write_json(run_file, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
     if manifest.get("offline_fallback"):
         log.warning("This run trains on the OFFLINE FALLBACK data (%s), not the full dataset.",
@@ -310,9 +320,34 @@ def _log_resumed_params(run: mlflow.entities.Run, params: Mapping[str, Any]) -> 
         mlflow.set_tags({f"resumed.{k}": v for k, v in changed.items()})
 
 
+def grouped(section: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    """Returns `metrics` keyed `<section>/<key>`, per-class counts `<section>/class_count/<class>`."""
+    out = {}
+    for key, value in metrics.items():
+        kind, _, label = key.rpartition("_")
+        out[f"{section}/{kind}/{label}" if kind == "class_count" else f"{section}/{key}"] = value
+    return out
+
+
+def log_dataset(config: Config, manifest: Mapping[str, Any], images, labels) -> None:
+    """Logs the training split to the active run as its input: name, shape, the raw data's digest and source.
+
+    The digest is the downloaded files' sha256 (cut to what an SQL store keeps), so two runs on the same
+    bytes show the same dataset in the UI's Datasets panel and its lineage view.
+    """
+    origin = str(manifest.get("source") or "unknown")
+    # A download names its URLs; the offline subset comes from a package's code, not from a location.
+    source = (HTTPDatasetSource(origin.split()[0]) if origin.startswith(("http://", "https://"))
+              else CodeDatasetSource({"source": origin}))
+    name = config.data.name + ("-offline-subset" if manifest.get("offline_fallback") else "")
+    digest = str(manifest.get("sha256", ""))[:DIGEST_CHARS] or None
+    mlflow.log_input(mlflow.data.from_numpy(images, targets=labels, name=name, source=source, digest=digest),
+                     context="training")
+
+
 def log_training(run: TrackedRun, config: Config, summary: Mapping[str, float], outputs: TrainOutputs) -> None:
     """Logs the train stage's results to `run`: summary metrics, history tables, grids, both generators."""
-    run.log_metrics({k: summary[k] for k in ("best_epoch", "best_fid", "last_fid")})
+    run.log_metrics(grouped(TRAIN, {k: summary[k] for k in ("best_epoch", "best_fid", "last_fid")}))
     mlflow.log_artifact(str(outputs.history), artifact_path="train")
     mlflow.log_artifact(str(outputs.fid_history), artifact_path="train")
     mlflow.log_artifacts(str(outputs.grids), artifact_path="train/grids")
@@ -328,7 +363,7 @@ def log_samples(run: TrackedRun, *images: Path) -> None:
 
 def log_evaluation(run: TrackedRun, results: Mapping[str, float], metrics_file: Path, report: Path) -> None:
     """Logs the evaluate stage's metrics, its file and report, and the DVC outputs' hashes as tags to `run`."""
-    run.log_metrics(results)
+    run.log_metrics(grouped(EVAL, results))
     run.set_tags(dvc_stage_tags())
     mlflow.log_artifact(str(metrics_file), artifact_path="metrics")
     mlflow.log_artifact(str(report), artifact_path="report")

@@ -451,7 +451,7 @@ def train_and_log(config: Config, images: np.ndarray, labels: np.ndarray, classi
     """
     fingerprint = training_fingerprint(config, images, labels, classifier)
     state = read_state(outputs.checkpoint, fingerprint)
-    with tracking.start_run(config, manifest, resume_run_id=state and state.run_id) as run:
+    with tracking.start_run(config, manifest, resume_run_id=state and state.run_id, dataset=(images, labels)) as run:
         state = state or TrainState(fingerprint=fingerprint)
         state.run_id = run.info.run_id
         gan, history, fid_history = train_gan(config, images, labels, classifier, outputs, state=state,

@@ -27,12 +27,14 @@ from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.train import GAN, build_gan  # noqa: E402
 
 PARTS = ("generator", "discriminator", "g_optimizer", "d_optimizer")
-# Every module of the pipeline and its stages: none may need TensorFlow on another backend.
-MODULES = ("pipeline.checkpoint", "pipeline.data", "pipeline.devices", "pipeline.evaluate", "pipeline.fused",
-           "pipeline.metrics", "pipeline.models", "pipeline.sample", "pipeline.steps", "pipeline.tracking",
-           "pipeline.train",
-           "stages.classifier", "stages.download", "stages.evaluate", "stages.normalize", "stages.sample",
-           "stages.train")
+ROOT = Path(__file__).resolve().parents[1]
+# Every module of the pipeline and its stages, except the two that are TensorFlow's by design: none may need
+# TensorFlow on another backend. Listed from the folders, so a new module is checked without anyone adding it.
+TENSORFLOW_ONLY = {"pipeline.tf_kernels", "pipeline.steps.tensorflow"}
+MODULES = tuple(sorted(
+    name for name in (".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                      for folder in ("pipeline", "stages") for path in (ROOT / folder).rglob("*.py"))
+    if name not in TENSORFLOW_ONLY))
 
 
 def arrays(variables) -> list[np.ndarray]:

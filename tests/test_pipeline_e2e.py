@@ -92,11 +92,14 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
     assert run.info.run_id == json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
     assert run.data.params["train.epochs"] == "1" and run.data.params["train.lr"] == "0.0008"
     assert run.data.params["model.generator_filters"] == "[16, 8]"
-    for key in ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "d_real", "d_fake", "fid", "inception_score",
-                "classifier_holdout_accuracy", "modes", "kid", "precision", "recall", "coverage", "train_fid",
-                "best_epoch"):
+    # Grouped by stage, so the UI draws sections: per-epoch training, evaluation, per-class counts, the gate.
+    for key in ("train/d_loss", "train/g_loss", "train/d_acc_real", "train/d_acc_fake", "train/d_real",
+                "train/d_fake", "train/fid", "train/best_epoch", "eval/fid", "eval/inception_score",
+                "eval/classifier_holdout_accuracy", "eval/modes", "eval/kid", "eval/precision", "eval/recall",
+                "eval/coverage", "eval/class_count/0", "eval/class_count/9", "promotion/version"):
         assert key in run.data.metrics, key
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [1]
+    assert not [key for key in run.data.metrics if "/" not in key]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/d_loss")] == [1]
     artifacts = {a.path for folder in ("train", "samples", "metrics")
                  for a in client.list_artifacts(run.info.run_id, folder)}
     artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "report")}
@@ -109,6 +112,9 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
     assert tags["data.offline_fallback"] == "true" and "OFFLINE FALLBACK" in tags["data.warning"]
     manifest = json.loads((root / "data/raw/mnist/manifest.json").read_text())
     assert tags["data.sha256"] == manifest["sha256"] and tags["data.source"] == manifest["source"]
+    [training] = run.inputs.dataset_inputs  # the UI's Datasets panel and lineage
+    assert (training.dataset.name, training.dataset.digest) == ("mnist-offline-subset", manifest["sha256"][:36])
+    assert training.dataset.source_type == "code" and [t.value for t in training.tags] == ["training"]
     assert any(key.startswith("dvc.train.models/generator.keras") for key in tags)
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     assert sorted(m.name for m in models) == ["generator", "generator_best"]
@@ -226,7 +232,7 @@ def test_queued_experiment_runs_in_a_copy_and_logs_into_the_project_store(own_pr
     queued = [r for r in client.search_runs([experiment.experiment_id])
               if r.data.tags.get("dvc.exp_name") == "two-epochs"]
     assert len(queued) == 1
-    assert queued[0].data.params["train.epochs"] == "2" and "fid" in queued[0].data.metrics
+    assert queued[0].data.params["train.epochs"] == "2" and "eval/fid" in queued[0].data.metrics
     assert queued[0].data.tags["dvc.exp_baseline_rev"] == queued[0].data.tags["git.commit"]
     # Its artifacts too land in the project, not in the temporary copy DVC deletes after the run.
     assert Path(queued[0].info.artifact_uri.removeprefix("file://")).is_relative_to(root / "mlruns")

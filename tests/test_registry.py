@@ -123,6 +123,13 @@ def test_first_version_is_champion_worse_is_challenger_better_takes_over_and_pro
     assert listed["1"]["aliases"] == CHAMPION and listed["2"]["aliases"] == CHALLENGER
 
 
+def test_the_registered_model_and_each_version_describe_themselves(world, store):
+    register(world, "untrained")
+    assert "@champion" in MlflowClient().get_registered_model(NAME).description
+    description = MlflowClient().get_model_version(NAME, "1").description
+    assert description.startswith("fid ") and "modes" in description and "Data: mnist" in description
+
+
 def test_a_rerun_on_the_same_run_and_generator_returns_the_same_decision_and_no_new_version(world, store):
     register(world, "trained")
     first = register(world, "untrained")

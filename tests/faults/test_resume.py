@@ -71,9 +71,9 @@ def test_mlflow_run_is_resumed_with_no_gap_and_no_duplicate_epoch(resumed):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].info.run_id == json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
     for metric in ("d_loss", "g_loss", "seconds"):
-        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, metric)]
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, f"train/{metric}")]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), metric
-    fid_steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_fid")]
+    fid_steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/fid")]
     assert sorted(fid_steps) == list(range(2, EPOCHS + 1, 2))
 
 

@@ -111,7 +111,7 @@ def test_the_command_named_for_a_lost_tracking_store_gets_the_pipeline_going_wit
     assert "Running stage 'sample'" in rest.stdout and "Running stage 'evaluate'" in rest.stdout
     run_id = yaml.safe_load((root / "models/mlflow_run.json").read_text())["run_id"]
     new_run = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_run(run_id)
-    assert {"d_loss", "fid"} <= set(new_run.data.metrics)  # training's epochs and the evaluation, in one run
+    assert {"train/d_loss", "eval/fid"} <= set(new_run.data.metrics)  # training's epochs and the evaluation, in one run
 
 
 def tmpfs_prefix() -> tuple[str, ...] | None:
