@@ -122,6 +122,7 @@ def version_tags(config: Config, metrics: Mapping[str, float], manifest: Mapping
         "data.sha256": str(manifest.get("sha256", "")),
         "data.offline_fallback": str(bool(manifest.get("offline_fallback"))).lower(),
         "git.commit": tracking.git_commit() or "unknown",
+        "git.dirty": str(tracking.git_dirty()).lower(),
         "params.hash": hashlib.sha256(params.encode()).hexdigest(),
         "generator": config.generator,
         GENERATOR_SHA: file_sha256(generator_path),

@@ -401,6 +401,9 @@ def run_tags(manifest: Mapping[str, Any]) -> dict[str, str]:
     """Returns the tags that tie a run to its code, data and DVC experiment."""
     tags = {
         "git.commit": git_commit() or "unknown",
+        # The commit a run starts from is the parent of the one that will pin its results (dvc.lock): "true"
+        # says the run's params or code differ from that commit's.
+        "git.dirty": str(git_dirty()).lower(),
         "data.name": str(manifest.get("dataset", "")),
         "data.source": str(manifest.get("source", "")),
         "data.sha256": str(manifest.get("sha256", "")),
@@ -421,6 +424,16 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_dirty() -> bool | None:
+    """Returns whether params.yaml, dvc.yaml or the code differ from HEAD (None outside git)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "params.yaml",
+                              "dvc.yaml", "pipeline", "stages"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def dvc_stage_tags(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:

@@ -107,7 +107,7 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
             "metrics/eval.json", "report/report.png"} <= artifacts
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     tags = run.data.tags
-    assert tags["git.commit"] == head
+    assert tags["git.commit"] == head and tags["git.dirty"] == "false"
     assert Path(experiment.artifact_location.removeprefix("file://")).is_relative_to(root / "mlruns")
     assert tags["data.offline_fallback"] == "true" and "OFFLINE FALLBACK" in tags["data.warning"]
     manifest = json.loads((root / "data/raw/mnist/manifest.json").read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import mlflow
 import numpy as np
 import pytest
@@ -39,3 +41,14 @@ def test_a_version_description_states_its_metrics_data_and_code():
     text = registry.version_description(tags)
     assert text.startswith("fid 12.35, modes 10.")
     assert "mnist (offline subset), sha256 0123456789ab" in text and "git feedbeeffeed" in text
+
+
+def test_a_run_from_edited_params_says_its_commit_is_dirty(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    for command in (["init", "-q"], ["add", "params.yaml"],
+                    ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "params"]):
+        subprocess.run(["git", *command], check=True)
+    assert tracking.run_tags({})["git.dirty"] == "false"
+    (tmp_path / "params.yaml").write_text("seed: 2\n")
+    assert tracking.run_tags({})["git.dirty"] == "true"
