@@ -391,10 +391,18 @@ def log_generator(generator: keras.Model, name: str, latent_dim: int, seed: int)
     noise = fixed_noise(seed, 2, latent_dim)
     example = {"noise": noise, "label": balanced_labels(2)[:, None]} if is_conditional(generator) else noise
     signature = infer_signature(example, generate(generator, noise))
-    Model.log(artifact_path=None, name=name, flavor=_KerasFlavor, model=generator,
-              signature=signature, input_example=example,
-              # The backend it was trained on, by its PyPI name: tensorflow or jax (which brings jaxlib).
-              pip_requirements=[f"keras=={keras.__version__}", keras.backend.backend()])
+    # MLflow checks the input example by calling the loaded model's predict, whose progress bar would land in
+    # the stage's output; with interactive logging off Keras sends it to absl's log, quiet at its default level.
+    interactive = keras.config.is_interactive_logging_enabled()
+    keras.config.disable_interactive_logging()
+    try:
+        Model.log(artifact_path=None, name=name, flavor=_KerasFlavor, model=generator,
+                  signature=signature, input_example=example,
+                  # The backend it was trained on, by its PyPI name: tensorflow or jax (which brings jaxlib).
+                  pip_requirements=[f"keras=={keras.__version__}", keras.backend.backend()])
+    finally:
+        if interactive:
+            keras.config.enable_interactive_logging()
 
 
 def run_tags(manifest: Mapping[str, Any]) -> dict[str, str]:
