@@ -58,11 +58,26 @@ promote: install
 	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=N [MODEL=name]"; exit 2; }
 	python -m pipeline.registry promote $(VERSION) $(MODEL_OPTION)
 
+# Chromium for the browser test of the MLflow UI (tests/test_mlflow_ui.py): Debian's package, which Playwright
+# drives (Playwright's own browser downloads are not used). Installed only when `chromium` is not on PATH:
+# with apt-get as root, else through sudo.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "make browser: Chromium is missing and there is no apt-get: install Chromium so that \`chromium\` is on PATH" >&2; exit 1; \
+	  elif [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	  else echo "make browser: Chromium is missing and installing it needs root: run \`apt-get install chromium\` as root" >&2; exit 1; \
+	  fi; \
+	  echo "make browser: installing Debian's chromium (apt-get) for tests/test_mlflow_ui.py"; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 # The whole suite with oneDNN on (TF_ENABLE_ONEDNN_OPTS=1, as TensorFlow runs on recent Intel CPUs), then the
 # tests marked `numerics` again with oneDNN off and its kernels capped at AVX2, as on AMD CPUs. Both runs go,
 # and the target fails if either failed. pytest-randomly shuffles the order, printing its seed in each header:
 # `python -m pytest --randomly-seed=N` replays an order.
-test: install
+test: install browser
 	status=0; \
 	TF_ENABLE_ONEDNN_OPTS=1 python -m pytest || status=1; \
 	TF_ENABLE_ONEDNN_OPTS=0 ONEDNN_MAX_CPU_ISA=AVX2 python -m pytest -m numerics || status=1; \
