@@ -13,10 +13,21 @@ import sys
 from collections.abc import Callable
 
 from pipeline import tf_startup
+from pipeline.config import load_config
 from pipeline.errors import PipelineError
 
-# Before any TensorFlow import: keep its C++ start-up chatter out of the stage logs.
+
+def _onednn_setting() -> str:
+    """Returns params.yaml's train.onednn; "auto" when the params do not load (the stage then says why)."""
+    try:
+        return load_config().train.onednn
+    except (PipelineError, OSError):
+        return "auto"
+
+
+# Before any TensorFlow import: oneDNN for this CPU, and its C++ start-up chatter out of the stage logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+tf_startup.start_notes(_onednn_setting())
 tf_startup.quiet_tensorflow_start()
 
 log = logging.getLogger("pipeline")

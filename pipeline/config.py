@@ -18,6 +18,7 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10", "mnist_5k")
 GENERATOR_CHOICES = ("best", "last")
 ARCHITECTURES = ("dcgan", "mlp", "cdcgan")
 PRECISIONS = ("auto", "float32", "bfloat16")
+ONEDNN_SETTINGS = ("auto", "enabled", "disabled")  # not on/off: YAML reads those as booleans
 
 
 class ConfigError(PipelineError, ValueError):
@@ -75,6 +76,8 @@ class TrainConfig:
     ema: float = _spec(min=0.0, max=0.9999, doc="decay of the generator's averaged weights, saved and scored; 0 = off")
     mixed_precision: str = _spec(choices=PRECISIONS, doc="auto: bfloat16 on a GPU or a CPU with bfloat16 units")
     jit_compile: bool = _spec(doc="compile the training step with XLA")
+    onednn: str = _spec(choices=ONEDNN_SETTINGS,
+                        doc="TensorFlow's oneDNN CPU kernels; auto: on for x86 with AVX2")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Where training runs and at what precision: a visible GPU first, bfloat16 where the hardware has it."""
+"""Where training runs, at what precision and with which kernels: a GPU first, bfloat16 where the CPU has it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import keras
+
+from pipeline.tf_startup import cpu_flags, isa_summary
 
 # CPU flags of native bfloat16 matrix units (Intel AMX, AVX512-BF16); without them bfloat16 is emulated and slower.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -41,25 +43,42 @@ def configure_devices() -> str:
     return f"{keras.backend.backend()} on GPU x{gpus}" if gpus else f"{keras.backend.backend()} on CPU"
 
 
+def onednn_enabled() -> bool | None:
+    """Returns whether TensorFlow runs its oneDNN CPU kernels (None on another backend)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def speed_settings(setting_precision: str, jit_compile: bool) -> dict[str, str]:
+    """Returns the settings a training step ran with, for the train log and the run's tags."""
+    onednn = onednn_enabled()
+    return {"speed.cpu_units": isa_summary(cpu_flags()),
+            "speed.onednn": "n/a" if onednn is None else ("on" if onednn else "off"),
+            "speed.dtype_policy": dtype_policy(setting_precision),
+            "speed.xla": "on" if jit_compile or keras.backend.backend() == "jax" else "off"}
+
+
 def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Returns whether the CPU advertises native bfloat16 matrix instructions."""
-    try:
-        flags = cpuinfo.read_text().split()
-    except OSError:
-        return False
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
+    return bool(cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS))
 
 
 def dtype_policy(setting: str) -> str:
     """Returns the Keras dtype policy for `train.mixed_precision` on this machine.
 
-    "auto" takes mixed bfloat16 on a GPU and on CPUs with bfloat16 units (1.7x the float32 step
-    on this project's AMX Xeons, benchmarks/train_throughput.py), float32 elsewhere. bfloat16 keeps
+    "auto" takes mixed bfloat16 on a GPU and on CPUs with bfloat16 units that oneDNN drives (1.7x the
+    float32 step on this project's AMX Xeons, benchmarks/train_throughput.py), float32 elsewhere. bfloat16 keeps
     float32's exponent range, so, unlike float16, it needs no loss scaling.
     """
     if setting != "auto":
         return POLICIES[setting]
-    return POLICIES["bfloat16"] if gpu_count() or cpu_has_bf16() else POLICIES["float32"]
+    # bfloat16 runs on the CPU's bfloat16 units only through oneDNN: without it TensorFlow emulates it, 40x
+    # slower than float32 (13 against 510 images/s, benchmarks/train_throughput.py, ours/onednn-off).
+    cpu_bf16 = cpu_has_bf16() and onednn_enabled() is not False
+    return POLICIES["bfloat16"] if gpu_count() or cpu_bf16 else POLICIES["float32"]
 
 
 @contextmanager

@@ -1,4 +1,7 @@
-"""A quiet TensorFlow start on machines without an NVIDIA driver, its real errors kept.
+"""How TensorFlow starts in a stage: its oneDNN kernels chosen for the CPU, and quiet on machines without an
+NVIDIA driver, its real errors kept.
+
+`choose_onednn()` sets TF_ENABLE_ONEDNN_OPTS from `train.onednn` before TensorFlow loads (see its docstring).
 
 TensorFlow's Linux pip build is a CUDA build. On a machine without an NVIDIA driver its start prints lines that
 read like failures and are not: "Could not find cuda drivers" while it loads (absl writes it, and every
@@ -36,6 +39,8 @@ NVIDIA_DRIVER_VERSION = Path("/proc/driver/nvidia/version")
 LIBCUDA = "libcuda.so.1"
 # TensorFlow registers only the device types listed here (read once, when it loads).
 ENABLED_DEVICE_TYPES = "TF_ENABLED_DEVICE_TYPES"
+# 1: TensorFlow's oneDNN CPU kernels on, 0: off, unset: TensorFlow decides by the CPU (read once, when it loads).
+ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 # An absl log record: severity letter, mmdd hh:mm:ss.micros (before absl's set-up 0000 00:00:<epoch seconds>),
 # thread id, file:line] message.
 ABSL_RECORD = re.compile(rb"^([IWEF])\d{4} [\d:.]+ +\d+ [^ \]]+:\d+\] ")
@@ -196,6 +201,52 @@ class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
             return spec
         spec.loader = _QuietLoader(spec.loader, Path(spec.origin).parent)
         return spec
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """Returns the first CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def isa_summary(flags: set[str]) -> str:
+    """Returns the vector and matrix units TensorFlow's CPU kernels can use, e.g. "AVX2 FMA AVX-512 AMX bf16"."""
+    names = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
+             ("amx_tile", "AMX"), ("avx512_bf16", "bf16"), ("amx_bf16", "AMX-bf16"))
+    found = [name for flag, name in names if flag in flags]
+    return " ".join(found) or "no AVX2"
+
+
+def start_notes(setting: str) -> None:
+    """Chooses oneDNN for `setting` on this CPU and notes the choice for the stage's log."""
+    flags = cpu_flags()
+    why = choose_onednn(setting, flags)
+    _pending.append((logging.INFO, f"CPU units: {isa_summary(flags)}; TensorFlow's oneDNN: {why}"))
+
+
+def choose_onednn(setting: str, flags: set[str]) -> str:
+    """Sets TF_ENABLE_ONEDNN_OPTS for `train.onednn` unless the environment already does; returns why.
+
+    TensorFlow reads it once, when it loads, and on its own turns oneDNN on only for CPUs with AVX-512 VNNI,
+    bf16 or AMX units: on AVX2-only CPUs (AMD EPYC and Ryzen, older Xeons) it stays off, though both the
+    tutorial's step and ours run faster with it there (benchmarks/RESULTS.md). "auto" turns it on for every
+    x86 CPU with AVX2 and leaves other CPUs to TensorFlow's default.
+    """
+    if ONEDNN_VARIABLE in os.environ:
+        return f"{ONEDNN_VARIABLE}={os.environ[ONEDNN_VARIABLE]} from the environment"
+    if setting == "auto":
+        if "avx2" not in flags:
+            return "TensorFlow's default (auto: no AVX2)"
+        setting = "enabled"
+        why = "train.onednn: auto, an AVX2 CPU: enabled"
+    else:
+        why = f"train.onednn: {setting}"
+    os.environ[ONEDNN_VARIABLE] = "1" if setting == "enabled" else "0"
+    return why
 
 
 def quiet_tensorflow_start() -> None:

@@ -23,7 +23,7 @@ from keras import ops
 from pipeline import fused, metrics, steps, tracking
 from pipeline.checkpoint import TrainState, read_state, restore_checkpoint, save_checkpoint, training_fingerprint
 from pipeline.config import Config, ConfigError, TrainConfig
-from pipeline.devices import configure_devices, dtype_policy, precision
+from pipeline.devices import configure_devices, dtype_policy, precision, speed_settings
 from pipeline.errors import PipelineError
 from pipeline.evaluate import TRAIN_EVAL_NOISE_OFFSET, embed, feature_extractor
 from pipeline.files import atomic_path, write_json
@@ -387,8 +387,10 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
     device = configure_devices()  # before any model: TensorFlow fixes GPU memory settings at first use
     keras.utils.set_random_seed(config.seed + (state.epoch if state else 0))
     gan = build_gan(config, tuple(images.shape[1:]))
-    log.info("training with %s in %s: %d images of shape %s", device, gan.generator.dtype_policy.name,
-             len(images), images.shape[1:])
+    log.info("training with %s in %s: %d images of shape %s; %s", device, gan.generator.dtype_policy.name,
+             len(images), images.shape[1:],
+             ", ".join(f"{k.removeprefix('speed.')} {v}"
+                       for k, v in speed_settings(config.train.mixed_precision, config.train.jit_compile).items()))
     state = state or TrainState(fingerprint="")
     best_weights = None
     if state.epoch:
@@ -454,6 +456,7 @@ def train_and_log(config: Config, images: np.ndarray, labels: np.ndarray, classi
     with tracking.start_run(config, manifest, resume_run_id=state and state.run_id, dataset=(images, labels)) as run:
         state = state or TrainState(fingerprint=fingerprint)
         state.run_id = run.info.run_id
+        run.set_tags(speed_settings(config.train.mixed_precision, config.train.jit_compile))
         gan, history, fid_history = train_gan(config, images, labels, classifier, outputs, state=state,
                                               callbacks=[run.epoch_logger()])
         save_models(gan, outputs)

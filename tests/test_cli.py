@@ -101,3 +101,53 @@ def test_devices_are_kept_when_a_device_plugin_is_installed(tmp_path):
     tensorflow_dir = fake_tensorflow(tmp_path, cuda_build=True)
     (tensorflow_dir.parent / "tensorflow-plugins").mkdir()
     assert not cli.cuda_probe_can_only_fail(tensorflow_dir, driver_present=False)
+
+
+AVX2_ONLY = {"sse4_2", "avx", "avx2", "fma"}  # an AMD EPYC's units, as TensorFlow's kernels see them
+AMX = AVX2_ONLY | {"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"}
+
+
+@pytest.fixture
+def no_onednn_variable(monkeypatch):
+    monkeypatch.delenv(cli.ONEDNN_VARIABLE, raising=False)
+
+
+def test_auto_turns_onednn_on_for_an_avx2_cpu(no_onednn_variable):
+    assert "auto" in cli.choose_onednn("auto", AVX2_ONLY) and os.environ[cli.ONEDNN_VARIABLE] == "1"
+
+
+def test_auto_leaves_a_cpu_without_avx2_to_tensorflows_default(no_onednn_variable):
+    cli.choose_onednn("auto", {"sse4_2", "neon"})
+    assert cli.ONEDNN_VARIABLE not in os.environ
+
+
+def test_disabled_turns_onednn_off_whatever_the_cpu(no_onednn_variable):
+    cli.choose_onednn("disabled", AMX)
+    assert os.environ[cli.ONEDNN_VARIABLE] == "0"
+
+
+def test_the_environment_variable_wins_over_the_setting(monkeypatch):
+    monkeypatch.setenv(cli.ONEDNN_VARIABLE, "0")
+    assert "environment" in cli.choose_onednn("enabled", AVX2_ONLY) and os.environ[cli.ONEDNN_VARIABLE] == "0"
+
+
+def test_the_isa_summary_names_the_units_the_kernels_can_use():
+    assert cli.isa_summary(AVX2_ONLY) == "AVX2 FMA"
+    assert cli.isa_summary(AMX) == "AVX2 FMA AVX-512 VNNI AMX bf16 AMX-bf16"
+
+
+@pytest.mark.parametrize("setting, expected", [("enabled", "True"), ("disabled", "False")])
+def test_a_stage_runs_tensorflow_with_onednn_as_params_say(tmp_path, setting, expected):
+    params = (ROOT / "params.yaml").read_text().replace("onednn: auto", f"onednn: {setting}")
+    assert f"onednn: {setting}" in params
+    (tmp_path / "params.yaml").write_text(params)
+    code = ("from pipeline.cli import run_stage\n"
+            "from tensorflow.python.util import _pywrap_util_port\n"
+            "run_stage(lambda: print('oneDNN', _pywrap_util_port.IsMklEnabled()))\n")
+    env = {k: v for k, v in os.environ.items() if k != cli.ONEDNN_VARIABLE}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"oneDNN {expected}" in done.stdout
+    assert f"TensorFlow's oneDNN: train.onednn: {setting}" in done.stderr

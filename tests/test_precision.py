@@ -31,10 +31,13 @@ def test_unreadable_cpuinfo_means_no_bfloat16(tmp_path):
     assert devices.cpu_has_bf16(tmp_path / "missing") is False
 
 
-@pytest.mark.parametrize(("has_bf16", "expected"), [(True, "mixed_bfloat16"), (False, "float32")])
-def test_auto_precision_takes_bfloat16_only_where_the_cpu_has_it(has_bf16, expected, monkeypatch):
+@pytest.mark.parametrize(("has_bf16", "onednn", "expected"), [(True, True, "mixed_bfloat16"), (False, True, "float32"),
+                                                                (True, False, "float32")])
+def test_auto_precision_takes_bfloat16_only_where_the_cpu_has_it_and_onednn_drives_it(has_bf16, onednn, expected,
+                                                                                      monkeypatch):
     monkeypatch.setattr(devices, "gpu_count", lambda: 0)
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(devices, "onednn_enabled", lambda: onednn)
     assert devices.dtype_policy("auto") == expected
     assert devices.dtype_policy("float32") == "float32"
     assert devices.dtype_policy("bfloat16") == "mixed_bfloat16"
