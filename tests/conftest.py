@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
 import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -107,14 +113,71 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def closed_port_url() -> str:
-    """Returns a URL on 127.0.0.1 where nothing listens: connection refused, as when offline."""
-    import socket
-
+def free_port() -> int:
+    """Returns a port on 127.0.0.1 where nothing listens now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        return s.getsockname()[1]
+
+
+def closed_port_url() -> str:
+    """Returns a URL on 127.0.0.1 where nothing listens: connection refused, as when offline."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def wait_until_answers(url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Returns once `url` answers 200, failing with the server's log if it exits or `timeout` s pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert server.poll() is None, f"server exited:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"server did not answer {url} within {timeout:.0f} s ({log})"
+        time.sleep(1)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Ends `process` and every process it started (its own session): SIGTERM, SIGKILL for what is left in 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, start_timeout: float = 180) -> Iterator[str]:
+    """Yields the URL of a real `mlflow server` on 127.0.0.1, its SQLite store and artifacts in `folder`.
+
+    Artifacts go through the server (mlflow-artifacts:/) into folder/artifacts, as on a shared server: its
+    clients never see that folder. Its log is folder/server.log.
+    """
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # mlflow starts uvicorn through the environment's python: its bin first on PATH, as `make ui` has it.
+    # No GenAI job runner (a handful of worker processes this pipeline never uses) and no usage reports.
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+               MLFLOW_DISABLE_TELEMETRY="true")
+    command = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--default-artifact-root", "mlflow-artifacts:/", "--artifacts-destination", str(folder / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = folder / "server.log"  # a file, not a pipe: a full pipe would stop the server mid-run
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_answers(f"{url}/health", process, log, start_timeout)
+        yield url
+    finally:
+        stop(process)
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -12,26 +12,17 @@ screenshot in its tmp_path and gives the path in a warning.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import warnings
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY_OVERRIDES, make_project, merge, run
+from conftest import TINY_OVERRIDES, make_project, merge, mlflow_server, run
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -55,64 +46,12 @@ PLAYWRIGHT_MISSING = ("Playwright is not installed: it is in the test extras, `m
                       "`.venv/bin/pip install -e '.[test]'` (its own browser download is not needed)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_answers(url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
-    """Returns once `url` answers 200, failing with the server's log if it exits or `timeout` s pass first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        assert server.poll() is None, f"mlflow server exited:\n{log.read_text()[-4000:]}"
-        assert time.monotonic() < deadline, f"mlflow server did not answer {url} within {timeout:.0f} s ({log})"
-        time.sleep(1)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Ends `process` and every process it started (its own session): SIGTERM, SIGKILL for what is left in 30 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Yields (URL, folder) of a real `mlflow server` on 127.0.0.1: SQLite store and artifacts in the folder."""
     folder = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    # mlflow starts uvicorn through the environment's python: its bin first on PATH, as `make ui` has it.
-    # No GenAI job runner (a handful of worker processes this pipeline never uses) and no usage reports.
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-               MLFLOW_DISABLE_TELEMETRY="true")
-    # Artifacts go through the server (mlflow-artifacts:/) into its artifacts folder, as on a shared server:
-    # the pipeline's clients never see that folder.
-    command = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-               "--default-artifact-root", "mlflow-artifacts:/", "--artifacts-destination", str(folder / "artifacts"),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = folder / "server.log"  # a file, not a pipe: a full pipe would stop the server mid-run
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_answers(f"{url}/health", process, log, SERVER_START_S)
+    with mlflow_server(folder, SERVER_START_S) as url:
         yield url, folder
-    finally:
-        stop(process)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY_OVERRIDES, default_params, make_project, merge, run
+from conftest import TINY_OVERRIDES, default_params, make_project, merge, mlflow_server, run
 from pipeline import registry, tracking
 from pipeline.config import config_from_dict
 from pipeline.data import scale_images
@@ -98,7 +98,29 @@ def versions() -> list[int]:
     return sorted(int(v.version) for v in MlflowClient().search_model_versions(f"name = '{NAME}'"))
 
 
+@pytest.fixture
+def server_store(tmp_path, monkeypatch):
+    """A real `mlflow server` on 127.0.0.1 as the store (its artifacts through the server), the current
+    directory tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "server").mkdir()
+    with mlflow_server(tmp_path / "server") as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        yield url
+
+
 def test_first_version_is_champion_worse_is_challenger_better_takes_over_and_promote_rolls_back(world, store):
+    lifecycle(world)
+
+
+@pytest.mark.slow
+def test_the_lifecycle_is_the_same_against_a_tracking_server(world, server_store):
+    lifecycle(world)
+    assert MlflowClient().get_model_version(NAME, "3").source.startswith("mlflow-artifacts:/")
+
+
+def lifecycle(world) -> None:
+    """The first version becomes champion, a worse one challenger, a better one takes over, promote rolls back."""
     first = register(world, "untrained")
     assert (first["version"], first["decision"]) == (1, CHAMPION)
     assert aliases() == {CHAMPION: 1}
