@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,team]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -73,11 +73,37 @@ browser:
 	  echo "make browser: installing Debian's chromium (apt-get) for tests/test_mlflow_ui.py"; \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
+# The team stack (README, "Team set-up"): PostgreSQL, an S3 server (moto) and an mlflow server over them, on
+# 127.0.0.1; `make stack-up` prints what to export, which `source .stack/env` does. `make stack-down` stops them.
+.PHONY: stack-up stack-down stack-status
+stack-up: install
+	python scripts/team_stack.py start
+
+stack-down:
+	python scripts/team_stack.py stop
+
+stack-status:
+	python scripts/team_stack.py status
+
+# PostgreSQL's server for the team stack and tests/test_team_stack.py: Debian's package, installed only when no
+# initdb is in /usr/lib/postgresql/*/bin (nor pg_ctl on PATH): with apt-get as root, else through sudo.
+.PHONY: postgres
+postgres:
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "make postgres: PostgreSQL's server is missing and there is no apt-get: install it (initdb, pg_ctl)" >&2; exit 1; \
+	  elif [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	  else echo "make postgres: PostgreSQL is missing and installing it needs root: run \`apt-get install postgresql\` as root" >&2; exit 1; \
+	  fi; \
+	  echo "make postgres: installing Debian's postgresql (apt-get) for the team stack and tests/test_team_stack.py"; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+
 # The whole suite with oneDNN on (TF_ENABLE_ONEDNN_OPTS=1, as TensorFlow runs on recent Intel CPUs), then the
 # tests marked `numerics` again with oneDNN off and its kernels capped at AVX2, as on AMD CPUs. Both runs go,
 # and the target fails if either failed. pytest-randomly shuffles the order, printing its seed in each header:
 # `python -m pytest --randomly-seed=N` replays an order.
-test: install browser
+test: install browser postgres
 	status=0; \
 	TF_ENABLE_ONEDNN_OPTS=1 python -m pytest || status=1; \
 	TF_ENABLE_ONEDNN_OPTS=0 ONEDNN_MAX_CPU_ISA=AVX2 python -m pytest -m numerics || status=1; \

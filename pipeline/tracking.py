@@ -194,6 +194,7 @@ def start_run(config: Config, manifest: Mapping[str, Any], run_file: Path = RUN_
         mlflow.log_params(params)
         if dataset is not None:
             log_dataset(config, manifest, *dataset)
+    _check_artifact_store(uri, params)
     write_json(run_file, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
     if manifest.get("offline_fallback"):
         log.warning("This run trains on the OFFLINE FALLBACK data (%s), not the full dataset.",
@@ -264,9 +265,59 @@ def _missing_run(uri: str, run_id: str) -> str | None:
     return None
 
 
+def _check_artifact_store(uri: str, params: Mapping[str, Any]) -> None:
+    """Logs `params` as the active run's params.json, its first artifact, so that an artifact store that takes none
+    (a missing bucket, wrong S3 keys) stops the stage now, not after training; the run then ends FAILED.
+
+    MLflow retries a failed upload for minutes, and a tracking server that proxies artifacts answers a missing
+    bucket with 500s; both are cut short by START_HTTP's limits.
+    """
+    started = time.monotonic()
+    try:
+        with http_limits(**START_HTTP):
+            mlflow.log_dict(dict(params), "params.json")
+    except Exception as e:
+        with contextlib.suppress(Exception), http_limits(**START_HTTP):
+            mlflow.end_run("FAILED")
+        raise TrackingUnavailable(
+            f"the MLflow artifact store of the tracking store {masked(uri)} takes no artifacts (tried "
+            f"{time.monotonic() - started:.0f} s): {_describe(e)}; check the server's --artifacts-destination "
+            f"(does the bucket exist?) or, for a direct s3:// store, the bucket, MLFLOW_S3_ENDPOINT_URL and "
+            f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+
+
+# MLflow's SQL stores retry a refused connection for about 100 s, printing a multi-line warning each time.
+DATABASE_TIMEOUT_S = 5
+
+
+def _check_database(uri: str) -> None:
+    """Raises TrackingUnavailable at once if `uri` is a database (not SQLite) that refuses a connection."""
+    dialect = uri.partition("://")[0].partition("+")[0]
+    if dialect not in ("postgresql", "mysql", "mssql"):
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    started = time.monotonic()
+    connect_args = {"connect_timeout": DATABASE_TIMEOUT_S} if dialect in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=connect_args)
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:
+        cause = getattr(e, "orig", None) or e  # the driver's own message, without SQLAlchemy's help link
+        raise TrackingUnavailable(
+            f"cannot connect to the MLflow tracking store {masked(uri)} (MLFLOW_TRACKING_URI) within "
+            f"{time.monotonic() - started:.0f} s: {_describe(cause)}; check its user, password, host, port "
+            f"and database") from None
+    finally:
+        engine.dispose()
+
+
 def _use_store() -> str:
-    """Returns the tracking URI after making it MLflow's."""
+    """Returns the tracking URI after making it MLflow's, a database's connection checked first."""
     uri = tracking_uri()
+    _check_database(uri)
     mlflow.set_tracking_uri(uri)
     if masked(uri) != uri:
         # MLflow prints "View run ... at: <uri>/#/..." when a run ends, credentials included.
