@@ -19,6 +19,7 @@ GENERATOR_CHOICES = ("best", "last")
 ARCHITECTURES = ("dcgan", "mlp", "cdcgan")
 PRECISIONS = ("auto", "float32", "bfloat16")
 ONEDNN_SETTINGS = ("auto", "enabled", "disabled")  # not on/off: YAML reads those as booleans
+DISTRIBUTIONS = ("none", "data_parallel")
 
 
 class ConfigError(PipelineError, ValueError):
@@ -78,6 +79,9 @@ class TrainConfig:
     jit_compile: bool = _spec(doc="compile the training step with XLA")
     onednn: str = _spec(choices=ONEDNN_SETTINGS,
                         doc="TensorFlow's oneDNN CPU kernels; auto: on for x86 with AVX2")
+    distribution: str = _spec(choices=DISTRIBUTIONS,
+                              doc="data_parallel: Keras' DataParallel over every visible device (JAX backend), "
+                                  "train.batch_size the global batch")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
-"""Where training runs, at what precision and with which kernels: a GPU first, bfloat16 where the CPU has it."""
+"""Where training runs, at what precision and with which kernels: a GPU first, bfloat16 where the CPU has it;
+on how many devices (`train.distribution`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import keras
 
+from pipeline.config import ConfigError
 from pipeline.tf_startup import cpu_flags, isa_summary
 
 # CPU flags of native bfloat16 matrix units (Intel AMX, AVX512-BF16); without them bfloat16 is emulated and slower.
@@ -91,3 +94,68 @@ def precision(policy: str):
     finally:
         keras.config.set_dtype_policy(previous)
 
+
+
+def check_distribution(setting: str, batch_size: int) -> None:
+    """Raises ConfigError, naming the key, if `train.distribution` cannot run here with this global batch."""
+    if setting == "none":
+        return
+    if keras.backend.backend() != "jax":
+        # Keras 3's fit() under tf.distribute is broken for multi-worker training (tensorflow#72388, keras#20585);
+        # keras.distribution, the engine used here, runs on JAX only.
+        raise ConfigError(f"train.distribution: {setting} runs on the JAX backend only, and Keras runs on "
+                          f"{keras.backend.backend()}: set KERAS_BACKEND=jax (Keras 3 with tf.distribute is "
+                          f"broken for multi-worker, tensorflow#72388), or set train.distribution: none")
+    count = len(keras.distribution.list_devices())
+    if batch_size % count:
+        raise ConfigError(f"train.batch_size: {batch_size} does not split evenly across the {count} devices of "
+                          f"train.distribution: {setting}; use a multiple of {count}")
+
+
+def distribution_settings(setting: str) -> dict[str, str]:
+    """Returns what training is spread over, for the train log and the run's tags: the devices and the mesh."""
+    if setting == "none":
+        return {"distribution": "none"}
+    devices = keras.distribution.list_devices()
+    return {"distribution": setting, "distribution.devices": ",".join(devices),
+            "distribution.device_count": str(len(devices)), "distribution.mesh": f"batch={len(devices)}"}
+
+
+@contextmanager
+def distributed(setting: str, batch_size: int) -> Iterator[int]:
+    """Yields the number of devices training runs on, with Keras' global distribution set for `train.distribution`.
+
+    Under `data_parallel`, Keras' DataParallel over every device keras.distribution.list_devices() sees (the GPUs,
+    else the CPU devices, e.g. XLA_FLAGS=--xla_force_host_platform_device_count=N): variables made inside are
+    replicated on each, fit() splits each batch of `batch_size` (the global batch) across them, and the jitted
+    step reduces over the whole batch (gradients, BatchNorm statistics, metrics). The learning rate is left
+    as it is. Models must be built inside; the previous distribution comes back afterwards.
+    """
+    check_distribution(setting, batch_size)
+    previous = keras.distribution.distribution()
+    if setting == "none":
+        keras.distribution.set_distribution(None)
+        count = 1
+    else:
+        devices = keras.distribution.list_devices()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        count = len(devices)
+    try:
+        yield count
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
+@contextmanager
+def undistributed() -> Iterator[None]:
+    """Runs what is inside with no global distribution: there predict() takes a batch of any size.
+
+    Under DataParallel predict() splits its batches across the devices, and refuses one that does not
+    divide by their number; without it, replicated weights compute on whole batches as on one device.
+    """
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)

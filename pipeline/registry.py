@@ -163,14 +163,20 @@ def register_and_gate(config: Config, run_id: str, generator_path: Path, candida
     elif version.tags.get(APPLIED) == "true":
         log.info("%s version %s was decided before: %s", name, version.version, version.tags[DECISION])
         return recorded(version)
-    decision = recorded_decision(version)
-    if decision is None:
-        decision = gate(registry, name, version, config, candidate, score)
-        record_decision(registry, name, version.version, decision)
-    else:
-        log.info("%s version %s: applying the decision recorded before a crash", name, version.version)
-    apply_alias(registry, name, version.version, decision.alias)
-    registry.set_model_version_tag(name, version.version, APPLIED, "true")
+    # One gate at a time, from reading the champion to moving the alias: two parallel experiments (`dvc queue start
+    # -j 2`) would each compare with the same champion, and the later one could take the alias from a better
+    # version it never saw. The lock is this machine's; runners on several machines that share a tracking server
+    # need the same serialisation there (e.g. one register job at a time in CI): MLflow has no compare-and-set
+    # on aliases.
+    with tracking.store_lock(tracking.tracking_uri(), f"gate-{name}"):
+        decision = recorded_decision(version)
+        if decision is None:
+            decision = gate(registry, name, version, config, candidate, score)
+            record_decision(registry, name, version.version, decision)
+        else:
+            log.info("%s version %s: applying the decision recorded before a crash", name, version.version)
+        apply_alias(registry, name, version.version, decision.alias)
+        registry.set_model_version_tag(name, version.version, APPLIED, "true")
     log.info("%s version %s is the %s: %s", name, version.version, decision.alias, decision.reasons)
     return {"version": int(version.version), **decision.as_metrics()}
 

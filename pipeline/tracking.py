@@ -13,12 +13,14 @@ answers again and, at the latest, when the run's `with` block ends.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -85,9 +87,14 @@ def project_root(cwd: Path | None = None) -> Path:
     return cwd
 
 
+def embedded_uri(cwd: Path | None = None) -> str:
+    """Returns the URI of the project's embedded SQLite store, mlflow.db in its root."""
+    return f"sqlite:///{project_root(cwd) / 'mlflow.db'}"
+
+
 def tracking_uri(cwd: Path | None = None) -> str:
     """Returns MLFLOW_TRACKING_URI if set, else the project's embedded SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(cwd) / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri(cwd)
 
 
 def masked(text: str) -> str:
@@ -182,6 +189,7 @@ def start_run(config: Config, manifest: Mapping[str, Any], run_file: Path = RUN_
     in the dataset's experiment. Raises TrackingUnavailable within seconds if the store does not answer.
     """
     uri = _use_store()
+    _create_sqlite_store(uri)
     experiment = _reach(uri, lambda: experiment_id(config.data.name))
     params = to_flat_dict(config)
     previous = _existing_run(resume_run_id) if resume_run_id else None
@@ -214,9 +222,16 @@ def experiment_id(name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     # With the embedded store, pin artifacts to the project root: an experiment first created
-    # inside a queued run's temporary copy would otherwise keep its artifacts in that copy.
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (project_root() / "mlruns").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    # inside a queued run's temporary copy would otherwise keep its artifacts in that copy. (Not by
+    # MLFLOW_TRACKING_URI's absence: mlflow.set_tracking_uri sets it.)
+    location = (project_root() / "mlruns").as_uri() if tracking_uri() == embedded_uri() else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        # A parallel experiment (`dvc queue start -j 2`) created it since we asked.
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 class RunNotFound(PipelineError):
@@ -314,6 +329,38 @@ def _check_database(uri: str) -> None:
         engine.dispose()
 
 
+@contextlib.contextmanager
+def store_lock(uri: str, purpose: str) -> Iterator[None]:
+    """Yields holding this machine's lock `purpose` on the tracking store `uri`, after waiting for any other holder.
+
+    An flock on a file in the temporary folder named after the URI's hash, as MLflow names its own locks: every
+    process on this machine that uses the store shares it, from the project or from a queued experiment's copy,
+    and nothing is written into the project. The kernel releases it when its holder ends, killed or not. Other
+    machines do not see it.
+    """
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"dcgan-mlflow-{purpose}-{digest}.lock"
+    descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: flock needs no more
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # and with it the lock
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Opens the SQLite store at `uri` under its lock, so that a new one is created and migrated by one process only.
+
+    MLflow creates a store's tables and runs its schema migrations on the first connection of every process that
+    finds them missing, unlocked: two queued experiments (`dvc queue start -j 2`) that opened a new mlflow.db at
+    once failed with "table evaluation_datasets already exists". Behind the lock the second finds them made; MLflow
+    keeps the store it opened for the rest of the process.
+    """
+    if uri.startswith("sqlite:"):
+        with store_lock(uri, "create"):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+
+
 def _use_store() -> str:
     """Returns the tracking URI after making it MLflow's, a database's connection checked first."""
     uri = tracking_uri()
@@ -392,8 +439,16 @@ def log_dataset(config: Config, manifest: Mapping[str, Any], images, labels) -> 
               else CodeDatasetSource({"source": origin}))
     name = config.data.name + ("-offline-subset" if manifest.get("offline_fallback") else "")
     digest = str(manifest.get("sha256", ""))[:DIGEST_CHARS] or None
-    mlflow.log_input(mlflow.data.from_numpy(images, targets=labels, name=name, source=source, digest=digest),
-                     context="training")
+    dataset = mlflow.data.from_numpy(images, targets=labels, name=name, source=source, digest=digest)
+    try:
+        mlflow.log_input(dataset, context="training")
+    except MlflowException as e:
+        if not _rejected(e):
+            raise
+        # The store keeps one dataset per experiment, name and digest: a parallel run (`dvc queue start -j 2`) that
+        # added it between MLflow's look-up and its insert makes the insert fail; the second try finds it.
+        log.info("logging the dataset again: %s", _describe(e))
+        mlflow.log_input(dataset, context="training")
 
 
 def log_training(run: TrackedRun, config: Config, summary: Mapping[str, float], outputs: TrainOutputs) -> None:

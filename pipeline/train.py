@@ -23,7 +23,8 @@ from keras import ops
 from pipeline import fused, metrics, steps, tracking
 from pipeline.checkpoint import TrainState, read_state, restore_checkpoint, save_checkpoint, training_fingerprint
 from pipeline.config import Config, ConfigError, TrainConfig
-from pipeline.devices import configure_devices, dtype_policy, precision, speed_settings
+from pipeline.devices import (check_distribution, configure_devices, distributed, distribution_settings, dtype_policy,
+                              precision, speed_settings, undistributed)
 from pipeline.errors import PipelineError
 from pipeline.evaluate import TRAIN_EVAL_NOISE_OFFSET, embed, feature_extractor
 from pipeline.files import atomic_path, write_json
@@ -263,7 +264,8 @@ def fid_scorer(config: Config, classifier: keras.Model, real_images: np.ndarray)
     extractor = feature_extractor(classifier)
     count = min(config.train.eval_samples, len(real_images))
     chosen = np.random.default_rng(config.seed).permutation(len(real_images))[:count]
-    real_features, _ = embed(extractor, real_images[chosen])
+    with undistributed():  # any count of images (devices.undistributed)
+        real_features, _ = embed(extractor, real_images[chosen])
     noise = fixed_noise(config.seed + TRAIN_EVAL_NOISE_OFFSET, count, config.train.latent_dim)
 
     def score(generator: keras.Model) -> dict:
@@ -308,13 +310,15 @@ class EpochEnd(keras.callbacks.Callback):
         final = number == t.epochs or self.model.stop_training
         self.record(number, logs)
         grid_due, fid_due = final or number % t.sample_every == 0, final or number % t.eval_every == 0
-        if grid_due or fid_due:
-            self.export = averaged_generator(self.model, self.export)
-        if grid_due:
-            images = to_uint8(generate(self.export, self.grid_noise))
-            save_png(self.outputs.grids / f"epoch_{number:04d}.png", tile(images, t.grid_size))
-        if fid_due:
-            self.track_fid(number, self.export)
+        # On whole batches of any size, also under train.distribution (devices.undistributed).
+        with undistributed():
+            if grid_due or fid_due:
+                self.export = averaged_generator(self.model, self.export)
+            if grid_due:
+                images = to_uint8(generate(self.export, self.grid_noise))
+                save_png(self.outputs.grids / f"epoch_{number:04d}.png", tile(images, t.grid_size))
+            if fid_due:
+                self.track_fid(number, self.export)
         self.watch_discriminator(number, float(logs["d_loss"]))
         if final or number % t.checkpoint_every == 0:
             self.checkpoint(number)
@@ -385,35 +389,53 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
                           f"training images; allowed values: <= {len(images)}")
     started = time.perf_counter()
     device = configure_devices()  # before any model: TensorFlow fixes GPU memory settings at first use
-    keras.utils.set_random_seed(config.seed + (state.epoch if state else 0))
-    gan = build_gan(config, tuple(images.shape[1:]))
-    log.info("training with %s in %s: %d images of shape %s; %s", device, gan.generator.dtype_policy.name,
-             len(images), images.shape[1:],
-             ", ".join(f"{k.removeprefix('speed.')} {v}"
-                       for k, v in speed_settings(config.train.mixed_precision, config.train.jit_compile).items()))
-    state = state or TrainState(fingerprint="")
-    best_weights = None
-    if state.epoch:
-        best_weights = restore_checkpoint(gan, outputs.checkpoint)
-        restore_outputs(gan, state, best_weights, outputs)
-    else:
-        shutil.rmtree(outputs.grids, ignore_errors=True)  # grids persist for resumes, not fresh runs
-    listeners = [c for c in callbacks if isinstance(c, TrainingListener)]
-    own = [EpochEnd(config, state, outputs, fid_scorer(config, classifier, images), best_weights, listeners),
-           DivergenceGuard()]
-    if config.train.time_limit_minutes is not None:
-        own.insert(0, TimeLimit(config.train.time_limit_minutes, started))
-    if config.train.instance_noise:
-        own.append(InstanceNoiseSchedule(config.train.epochs))
-    if verbose is None:
-        # A live progress bar on a terminal; one line per epoch in logs, where a bar is noise.
-        verbose = 1 if sys.stdout.isatty() else 2
-    gan.fit(images, labels if gan.conditional else None, batch_size=config.train.batch_size, shuffle=True,
-            initial_epoch=state.epoch, epochs=config.train.epochs, callbacks=[*own, *callbacks], verbose=verbose)
+    t = config.train
+    with distributed(t.distribution, t.batch_size) as device_count:  # models are laid out on the devices as built
+        keras.utils.set_random_seed(config.seed + (state.epoch if state else 0))
+        gan = build_gan(config, tuple(images.shape[1:]))
+        log.info("training with %s in %s: %d images of shape %s; %s", device, gan.generator.dtype_policy.name,
+                 len(images), images.shape[1:],
+                 ", ".join(f"{k.removeprefix('speed.')} {v}"
+                           for k, v in {**speed_settings(t.mixed_precision, t.jit_compile),
+                                        **distribution_settings(t.distribution)}.items()))
+        state = state or TrainState(fingerprint="")
+        best_weights = None
+        if state.epoch:
+            best_weights = restore_checkpoint(gan, outputs.checkpoint)
+            restore_outputs(gan, state, best_weights, outputs)
+        else:
+            shutil.rmtree(outputs.grids, ignore_errors=True)  # grids persist for resumes, not fresh runs
+        listeners = [c for c in callbacks if isinstance(c, TrainingListener)]
+        own = [EpochEnd(config, state, outputs, fid_scorer(config, classifier, images), best_weights, listeners),
+               DivergenceGuard()]
+        if t.time_limit_minutes is not None:
+            own.insert(0, TimeLimit(t.time_limit_minutes, started))
+        if t.instance_noise:
+            own.append(InstanceNoiseSchedule(t.epochs))
+        if verbose is None:
+            # A live progress bar on a terminal; one line per epoch in logs, where a bar is noise.
+            verbose = 1 if sys.stdout.isatty() else 2
+        images, labels = even_split(images, labels, t.batch_size, device_count)
+        gan.fit(images, labels if gan.conditional else None, batch_size=t.batch_size, shuffle=True,
+                initial_epoch=state.epoch, epochs=t.epochs, callbacks=[*own, *callbacks], verbose=verbose)
     if state.epoch:
         for listener in listeners:  # what a resumed run restored, also when nothing was left to train
             listener.on_checkpoint(state)
     return gan, pd.DataFrame(state.history), pd.DataFrame(state.fid_history)
+
+
+def even_split(images: np.ndarray, labels: np.ndarray, batch_size: int,
+               device_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns the images and labels fit() trains on: all of them on one device; on several, all but the last
+    len(images) % device_count, so that every batch, an epoch's last and smaller one too, splits evenly
+    across the devices (Keras' DataParallel refuses a batch that does not: batch_size divides already).
+    """
+    left_out = len(images) % device_count
+    if not left_out:
+        return images, labels
+    log.info("training on the first %d of the %d images: batches of %d split evenly across %d devices, and so "
+             "does the last one of each epoch", len(images) - left_out, len(images), batch_size, device_count)
+    return images[:-left_out], labels[:-left_out]
 
 
 def restore_outputs(gan: GAN, state: TrainState, best_weights: list[np.ndarray] | None,
@@ -451,12 +473,14 @@ def train_and_log(config: Config, images: np.ndarray, labels: np.ndarray, classi
     Every output is written to `outputs` and tracked: in the interrupted run when resuming one,
     else in a new run.
     """
+    t = config.train
+    check_distribution(t.distribution, t.batch_size)  # before a run is opened for a training that cannot start
     fingerprint = training_fingerprint(config, images, labels, classifier)
     state = read_state(outputs.checkpoint, fingerprint)
     with tracking.start_run(config, manifest, resume_run_id=state and state.run_id, dataset=(images, labels)) as run:
         state = state or TrainState(fingerprint=fingerprint)
         state.run_id = run.info.run_id
-        run.set_tags(speed_settings(config.train.mixed_precision, config.train.jit_compile))
+        run.set_tags({**speed_settings(t.mixed_precision, t.jit_compile), **distribution_settings(t.distribution)})
         gan, history, fid_history = train_gan(config, images, labels, classifier, outputs, state=state,
                                               callbacks=[run.epoch_logger()])
         save_models(gan, outputs)
