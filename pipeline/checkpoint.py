@@ -71,8 +71,8 @@ def save_checkpoint(gan, state: TrainState, best_weights: list[np.ndarray] | Non
         np.savez(tmp, **arrays)
 
 
-def read_state(path: Path, fingerprint: str) -> TrainState | None:
-    """Returns the state of the checkpoint at `path` if it can resume this run, else None, saying why."""
+def read_state(path: Path, fingerprint: str, epochs: int | None = None) -> TrainState | None:
+    """Returns the state of the checkpoint at `path` if it can resume this run of `epochs`, else None, saying why."""
     if not path.exists():
         return None
     try:
@@ -84,6 +84,12 @@ def read_state(path: Path, fingerprint: str) -> TrainState | None:
     if state.fingerprint != fingerprint:
         log.warning("checkpoint %s was made with other params or data (fingerprint %s..., now %s...); "
                     "starting fresh", path, state.fingerprint[:12], fingerprint[:12])
+        return None
+    if epochs is not None and state.epoch > epochs:
+        # Fewer epochs than the checkpoint has is another run (`-S train.epochs=1` after 50), not one to resume:
+        # resuming would hand back the longer run's generator.
+        log.warning("checkpoint %s is after epoch %d, past train.epochs %d; starting fresh", path, state.epoch,
+                    epochs)
         return None
     log.info("resuming from %s after epoch %d", path, state.epoch)
     return state

@@ -476,7 +476,7 @@ def train_and_log(config: Config, images: np.ndarray, labels: np.ndarray, classi
     t = config.train
     check_distribution(t.distribution, t.batch_size)  # before a run is opened for a training that cannot start
     fingerprint = training_fingerprint(config, images, labels, classifier)
-    state = read_state(outputs.checkpoint, fingerprint)
+    state = read_state(outputs.checkpoint, fingerprint, config.train.epochs)
     with tracking.start_run(config, manifest, resume_run_id=state and state.run_id, dataset=(images, labels)) as run:
         state = state or TrainState(fingerprint=fingerprint)
         state.run_id = run.info.run_id

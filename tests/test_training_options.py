@@ -67,6 +67,9 @@ def test_time_limit_stops_at_an_epoch_end_and_treats_it_as_the_last(tiny_params,
     assert history["epoch"].tolist() == [1]
     assert fid_history["epoch"].tolist() == [1]  # evaluated although 1 is off the schedule
     assert read_state(TrainOutputs(tmp_path).checkpoint, fingerprint="").epoch == 1
+    # A run of fewer epochs than the checkpoint's does not resume it (it would get the longer run's generator).
+    assert read_state(TrainOutputs(tmp_path).checkpoint, fingerprint="", epochs=1).epoch == 1
+    assert read_state(TrainOutputs(tmp_path).checkpoint, fingerprint="", epochs=0) is None
     assert (TrainOutputs(tmp_path).grids / "epoch_0001.png").exists()
 
 
