@@ -58,20 +58,22 @@ promote: install
 	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=N [MODEL=name]"; exit 2; }
 	python -m pipeline.registry promote $(VERSION) $(MODEL_OPTION)
 
-# Chromium for the browser test of the MLflow UI (tests/test_mlflow_ui.py): Debian's package, which Playwright
-# drives (Playwright's own browser downloads are not used). Installed only when `chromium` is not on PATH:
-# with apt-get as root, else through sudo.
-.PHONY: browser
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "make browser: Chromium is missing and there is no apt-get: install Chromium so that \`chromium\` is on PATH" >&2; exit 1; \
+# $(call apt_install,TARGET,PACKAGE,WHAT FOR): a shell line that installs Debian's PACKAGE with apt-get, as root
+# or through sudo, and otherwise stops, saying how.
+apt_install = if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "make $(1): $(2) is missing and there is no apt-get: install it by hand" >&2; exit 1; \
 	  elif [ "$$(id -u)" = 0 ]; then SUDO=; \
 	  elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
-	  else echo "make browser: Chromium is missing and installing it needs root: run \`apt-get install chromium\` as root" >&2; exit 1; \
+	  else echo "make $(1): $(2) is missing and installing it needs root: run \`apt-get install $(2)\` as root" >&2; exit 1; \
 	  fi; \
-	  echo "make browser: installing Debian's chromium (apt-get) for tests/test_mlflow_ui.py"; \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	  echo "make $(1): installing Debian's $(2) (apt-get) for $(3)"; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2)
+
+# Chromium for the browser test of the MLflow UI (tests/test_mlflow_ui.py): Debian's package, which Playwright
+# drives (Playwright's own browser downloads are not used). Installed only when `chromium` is not on PATH.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(call apt_install,browser,chromium,tests/test_mlflow_ui.py); }
 
 # The team stack (README, "Team set-up"): PostgreSQL, an S3 server (moto) and an mlflow server over them, on
 # 127.0.0.1; `make stack-up` prints what to export, which `source .stack/env` does. `make stack-down` stops them.
@@ -86,18 +88,11 @@ stack-status:
 	python scripts/team_stack.py status
 
 # PostgreSQL's server for the team stack and tests/test_team_stack.py: Debian's package, installed only when no
-# initdb is in /usr/lib/postgresql/*/bin (nor pg_ctl on PATH): with apt-get as root, else through sudo.
+# initdb is in /usr/lib/postgresql/*/bin (nor pg_ctl on PATH).
 .PHONY: postgres
 postgres:
-	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
-	  if ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "make postgres: PostgreSQL's server is missing and there is no apt-get: install it (initdb, pg_ctl)" >&2; exit 1; \
-	  elif [ "$$(id -u)" = 0 ]; then SUDO=; \
-	  elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
-	  else echo "make postgres: PostgreSQL is missing and installing it needs root: run \`apt-get install postgresql\` as root" >&2; exit 1; \
-	  fi; \
-	  echo "make postgres: installing Debian's postgresql (apt-get) for the team stack and tests/test_team_stack.py"; \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { $(call apt_install,postgres,postgresql,the team stack and tests/test_team_stack.py); }
 
 # The whole suite with oneDNN on (TF_ENABLE_ONEDNN_OPTS=1, as TensorFlow runs on recent Intel CPUs), then the
 # tests marked `numerics` again with oneDNN off and its kernels capped at AVX2, as on AMD CPUs. Both runs go,

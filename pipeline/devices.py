@@ -3,9 +3,10 @@ on how many devices (`train.distribution`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import keras
 
@@ -85,15 +86,19 @@ def dtype_policy(setting: str) -> str:
 
 
 @contextmanager
-def precision(policy: str):
-    """Builds the layers made inside it with `policy`, restoring the global policy afterwards."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
+def _keras_global(get: Callable[[], Any], set_: Callable[[Any], None], value: Any) -> Iterator[None]:
+    """Runs what is inside with one of Keras' process-wide settings at `value`, the previous one restored after."""
+    previous = get()
+    set_(value)
     try:
         yield
     finally:
-        keras.config.set_dtype_policy(previous)
+        set_(previous)
 
+
+def precision(policy: str):
+    """Builds the layers made inside it with `policy`, restoring the global policy afterwards."""
+    return _keras_global(keras.config.dtype_policy, keras.config.set_dtype_policy, policy)
 
 
 def check_distribution(setting: str, batch_size: int) -> None:
@@ -132,30 +137,16 @@ def distributed(setting: str, batch_size: int) -> Iterator[int]:
     as it is. Models must be built inside; the previous distribution comes back afterwards.
     """
     check_distribution(setting, batch_size)
-    previous = keras.distribution.distribution()
-    if setting == "none":
-        keras.distribution.set_distribution(None)
-        count = 1
-    else:
-        devices = keras.distribution.list_devices()
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-        count = len(devices)
-    try:
-        yield count
-    finally:
-        keras.distribution.set_distribution(previous)
+    devices = keras.distribution.list_devices() if setting != "none" else []
+    chosen = keras.distribution.DataParallel(devices=devices) if devices else None
+    with _keras_global(keras.distribution.distribution, keras.distribution.set_distribution, chosen):
+        yield max(len(devices), 1)
 
 
-@contextmanager
-def undistributed() -> Iterator[None]:
+def undistributed():
     """Runs what is inside with no global distribution: there predict() takes a batch of any size.
 
     Under DataParallel predict() splits its batches across the devices, and refuses one that does not
     divide by their number; without it, replicated weights compute on whole batches as on one device.
     """
-    previous = keras.distribution.distribution()
-    keras.distribution.set_distribution(None)
-    try:
-        yield
-    finally:
-        keras.distribution.set_distribution(previous)
+    return _keras_global(keras.distribution.distribution, keras.distribution.set_distribution, None)
