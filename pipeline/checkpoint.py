@@ -17,6 +17,7 @@ import numpy as np
 from keras import ops
 
 from pipeline.config import Config, to_flat_dict
+from pipeline.devices import from_writer
 from pipeline.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ def training_fingerprint(config: Config, images: np.ndarray, labels: np.ndarray,
     return digest.hexdigest()
 
 
-def _variables(gan) -> dict[str, list]:
+def checkpoint_variables(gan) -> dict[str, list]:
+    """Returns every variable a checkpoint holds, by part, in the order it stores them."""
     return {"generator": gan.generator.variables, "discriminator": gan.discriminator.variables,
             "g_optimizer": gan.g_optimizer.variables, "d_optimizer": gan.d_optimizer.variables,
             "rng": [gan.noise_seed.state]}
@@ -62,7 +64,7 @@ def _variables(gan) -> dict[str, list]:
 def save_checkpoint(gan, state: TrainState, best_weights: list[np.ndarray] | None, path: Path) -> None:
     """Writes every variable of `gan`, the best generator's weights and `state` to one npz, atomically."""
     arrays = {"state": np.array(json.dumps(dataclasses.asdict(state)))}
-    for part, variables in _variables(gan).items():
+    for part, variables in checkpoint_variables(gan).items():
         for i, variable in enumerate(variables):
             arrays[f"{part}/{i}"] = ops.convert_to_numpy(variable)
     for i, weight in enumerate(best_weights or []):
@@ -95,16 +97,35 @@ def read_state(path: Path, fingerprint: str, epochs: int | None = None) -> Train
     return state
 
 
-def restore_checkpoint(gan, path: Path) -> list[np.ndarray] | None:
-    """Returns the best generator's weights stored at `path`, after loading every variable into `gan`."""
-    gan.d_optimizer.build(gan.discriminator.trainable_variables)
-    gan.g_optimizer.build(gan.generator.trainable_variables)
-    with np.load(path, allow_pickle=False) as npz:
-        for part, variables in _variables(gan).items():
-            stored = sum(1 for key in npz.files if key.startswith(part + "/"))
-            if stored != len(variables):
-                raise ValueError(f"{path}: {part} has {stored} variables, the model {len(variables)}")
-            for i, variable in enumerate(variables):
-                variable.assign(npz[f"{part}/{i}"])
-        best = sorted((k for k in npz.files if k.startswith(BEST + "/")), key=lambda k: int(k.split("/")[1]))
-        return [npz[k] for k in best] or None
+def build_optimizers(gan) -> None:
+    """Creates both optimizers' variables (before the first step creates them), so that they can be assigned."""
+    gan.optimizer.build()  # steps.OptimizerPair: each optimizer on its own model, once
+
+
+def restore_checkpoint(gan, path: Path | None) -> list[np.ndarray] | None:
+    """Returns the best generator's weights stored at `path`, after loading every variable into `gan`.
+
+    With several processes, process 0 alone reads `path` (the others pass None, and get None back) and every
+    process assigns the values it read: processes on other machines need no copy of the file, and all change
+    their shared variables together.
+    """
+    build_optimizers(gan)
+    parts = checkpoint_variables(gan)
+    best = None
+    if path is None:  # filled with process 0's values by from_writer below
+        values = {part: [np.zeros(v.shape, v.dtype) for v in variables] for part, variables in parts.items()}
+    else:
+        with np.load(path, allow_pickle=False) as npz:
+            values = {}
+            for part, variables in parts.items():
+                stored = sum(1 for key in npz.files if key.startswith(part + "/"))
+                if stored != len(variables):
+                    raise ValueError(f"{path}: {part} has {stored} variables, the model {len(variables)}")
+                values[part] = [npz[f"{part}/{i}"] for i in range(len(variables))]
+            best = sorted((k for k in npz.files if k.startswith(BEST + "/")), key=lambda k: int(k.split("/")[1]))
+            best = [npz[k] for k in best] or None
+    values = from_writer(values)
+    for part, variables in parts.items():
+        for variable, value in zip(variables, values[part]):
+            variable.assign(value)
+    return best

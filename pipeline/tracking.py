@@ -297,8 +297,8 @@ def _check_artifact_store(uri: str, params: Mapping[str, Any]) -> None:
         raise TrackingUnavailable(
             f"the MLflow artifact store of the tracking store {masked(uri)} takes no artifacts (tried "
             f"{time.monotonic() - started:.0f} s): {_describe(e)}; check the server's --artifacts-destination "
-            f"(does the bucket exist?) or, for a direct s3:// store, the bucket, MLFLOW_S3_ENDPOINT_URL and "
-            f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+            f"(does the bucket exist?) and its S3 keys, or, for a direct s3:// store, the bucket, "
+            f"MLFLOW_S3_ENDPOINT_URL and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
 
 
 # MLflow's SQL stores retry a refused connection for about 100 s, printing a multi-line warning each time.

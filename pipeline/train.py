@@ -11,7 +11,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,8 +23,9 @@ from keras import ops
 from pipeline import fused, metrics, steps, tracking
 from pipeline.checkpoint import TrainState, read_state, restore_checkpoint, save_checkpoint, training_fingerprint
 from pipeline.config import Config, ConfigError, TrainConfig
-from pipeline.devices import (check_distribution, configure_devices, distributed, distribution_settings, dtype_policy,
-                              precision, speed_settings, undistributed)
+from pipeline.devices import (check_distribution, check_same_inputs, configure_devices, distributed,
+                              distribution_settings, dtype_policy, from_writer, is_writer, precision, process_count,
+                              process_index, speed_settings, undistributed)
 from pipeline.errors import PipelineError
 from pipeline.evaluate import TRAIN_EVAL_NOISE_OFFSET, embed, feature_extractor
 from pipeline.files import atomic_path, write_json
@@ -182,8 +183,9 @@ def averaged_generator(gan: GAN, out: keras.Model | None = None) -> keras.Model:
     if gan.g_optimizer.use_ema and gan.g_optimizer.built:
         gan.g_optimizer.finalize_variable_values(gan.generator.trainable_variables)
     for source, target in zip(gan.generator.variables, out.variables):
-        # A copy: on JAX, predict() on `out` donates its variables' buffers, which must not be the GAN's.
-        target.assign(ops.copy(ops.cast(source, target.dtype)))
+        # Through numpy: a copy (on JAX, predict() on `out` donates its variables' buffers, which must not be the
+        # GAN's), and on this process's devices only, also where the GAN's variables span several processes.
+        target.assign(ops.convert_to_numpy(source).astype(target.dtype))
     for variable, value in zip(gan.generator.trainable_variables, raw):
         variable.assign(value)
     return out
@@ -239,7 +241,9 @@ class TimeLimit(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         now = time.perf_counter()
         last_epoch, self.last_end = now - self.last_end, now
-        if now - self.started + last_epoch > self.seconds:
+        # Process 0's clock decides for all: a process that stopped alone would leave the others waiting in the
+        # next step's all-reduce.
+        if from_writer(np.bool_(now - self.started + last_epoch > self.seconds)):
             log.info("train.time_limit_minutes reached after epoch %d (%.0f s)", epoch + 1, now - self.started)
             self.model.stop_training = True
 
@@ -288,6 +292,9 @@ class EpochEnd(keras.callbacks.Callback):
 
     Checkpoints record when each epoch was first checkpointed (`state.log_times`): a tracker that
     stamps an epoch's metrics with it can send them again after a crash without doubling them.
+
+    With several processes (devices.initialize_processes) every one computes all of this, so that all take the same
+    steps, and process 0 alone writes files and tells the listeners.
     """
 
     def __init__(self, config: Config, state: TrainState, outputs: TrainOutputs,
@@ -299,6 +306,7 @@ class EpochEnd(keras.callbacks.Callback):
         side = config.train.grid_size
         self.grid_noise = fixed_noise(config.seed, side * side, config.train.latent_dim)
         self.export: keras.Model | None = None  # one float32 copy of the averaged generator, refreshed in place
+        self.writer = is_writer()
         self.started = 0.0
         self.winning_epochs = 0
 
@@ -316,7 +324,8 @@ class EpochEnd(keras.callbacks.Callback):
                 self.export = averaged_generator(self.model, self.export)
             if grid_due:
                 images = to_uint8(generate(self.export, self.grid_noise))
-                save_png(self.outputs.grids / f"epoch_{number:04d}.png", tile(images, t.grid_size))
+                if self.writer:
+                    save_png(self.outputs.grids / f"epoch_{number:04d}.png", tile(images, t.grid_size))
             if fid_due:
                 self.track_fid(number, self.export)
         self.watch_discriminator(number, float(logs["d_loss"]))
@@ -328,7 +337,8 @@ class EpochEnd(keras.callbacks.Callback):
         row = {"epoch": number, **{name: float(logs[name]) for name in METRIC_NAMES},
                "seconds": time.perf_counter() - self.started}
         self.state.history.append(row)
-        write_csv(self.outputs.history, self.state.history)
+        if self.writer:
+            write_csv(self.outputs.history, self.state.history)
 
     def track_fid(self, number: int, generator: keras.Model) -> None:
         """Scores `generator`, appends to the FID history and saves it if it is the best so far.
@@ -337,12 +347,14 @@ class EpochEnd(keras.callbacks.Callback):
         """
         row = {"epoch": number, **self.score(generator)}
         self.state.fid_history.append(row)
-        write_csv(self.outputs.fid_history, self.state.fid_history)
+        if self.writer:
+            write_csv(self.outputs.fid_history, self.state.fid_history)
         if self.state.best is None or row["fid"] < self.state.best["fid"]:
             self.state.best = row
             self.best_weights = generator.get_weights()
-            with atomic_path(self.outputs.generator_best) as tmp:
-                generator.save(tmp)
+            if self.writer:
+                with atomic_path(self.outputs.generator_best) as tmp:
+                    generator.save(tmp)
         log.info("epoch %d: FID %.3f, KID %.5f (best FID %.3f at epoch %d)", number, row["fid"], row["kid"],
                  self.state.best["fid"], self.state.best["epoch"])
 
@@ -354,7 +366,7 @@ class EpochEnd(keras.callbacks.Callback):
             message = (f"the discriminator wins outright: d_loss below {t.d_win_loss} for {t.d_win_epochs} "
                        f"epochs up to epoch {number}; the generator gets no useful gradient")
             log.warning("%s", message)
-            for listener in self.listeners:
+            for listener in self.listeners if self.writer else ():
                 listener.on_warning("discriminator_wins", message)
 
     def checkpoint(self, number: int) -> None:
@@ -363,6 +375,8 @@ class EpochEnd(keras.callbacks.Callback):
         now = int(time.time() * 1000)
         for row in self.state.history:
             self.state.log_times.setdefault(str(row["epoch"]), now)
+        if not self.writer:
+            return
         save_checkpoint(self.model, self.state, self.best_weights, self.outputs.checkpoint)
         for listener in self.listeners:
             listener.on_checkpoint(self.state)
@@ -383,6 +397,9 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
     Starts from `state` (a checkpoint's) when given. On the way it writes grids, checkpoints and
     the best-FID generator to `outputs`. `callbacks` run after training's own each epoch; those
     that are TrainingListeners also hear of each checkpoint and warning.
+
+    With several processes (devices.initialize_processes), process 0's `state` and checkpoint count: the others
+    start from its epoch and variables, feed their rows of each global batch (process_batches) and write nothing.
     """
     if config.train.batch_size > len(images):
         raise ConfigError(f"train.batch_size: {config.train.batch_size} is larger than the {len(images)} "
@@ -390,20 +407,25 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
     started = time.perf_counter()
     device = configure_devices()  # before any model: TensorFlow fixes GPU memory settings at first use
     t = config.train
+    writer = is_writer()
+    state = state or TrainState(fingerprint="")
+    # Process 0 read the checkpoint: every process resumes after its epoch (the others' `state` is not read).
+    state.epoch = int(from_writer(np.int32(state.epoch)))
     with distributed(t.distribution, t.batch_size) as device_count:  # models are laid out on the devices as built
-        keras.utils.set_random_seed(config.seed + (state.epoch if state else 0))
+        keras.utils.set_random_seed(config.seed + state.epoch)
         gan = build_gan(config, tuple(images.shape[1:]))
         log.info("training with %s in %s: %d images of shape %s; %s", device, gan.generator.dtype_policy.name,
                  len(images), images.shape[1:],
                  ", ".join(f"{k.removeprefix('speed.')} {v}"
                            for k, v in {**speed_settings(t.mixed_precision, t.jit_compile),
                                         **distribution_settings(t.distribution)}.items()))
-        state = state or TrainState(fingerprint="")
         best_weights = None
         if state.epoch:
-            best_weights = restore_checkpoint(gan, outputs.checkpoint)
-            restore_outputs(gan, state, best_weights, outputs)
-        else:
+            best_weights = restore_checkpoint(gan, outputs.checkpoint if writer else None)
+            if writer:
+                with undistributed():  # the best generator's copy on this process's devices alone
+                    restore_outputs(gan, state, best_weights, outputs)
+        elif writer:
             shutil.rmtree(outputs.grids, ignore_errors=True)  # grids persist for resumes, not fresh runs
         listeners = [c for c in callbacks if isinstance(c, TrainingListener)]
         own = [EpochEnd(config, state, outputs, fid_scorer(config, classifier, images), best_weights, listeners),
@@ -416,9 +438,15 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
             # A live progress bar on a terminal; one line per epoch in logs, where a bar is noise.
             verbose = 1 if sys.stdout.isatty() else 2
         images, labels = even_split(images, labels, t.batch_size, device_count)
-        gan.fit(images, labels if gan.conditional else None, batch_size=t.batch_size, shuffle=True,
-                initial_epoch=state.epoch, epochs=t.epochs, callbacks=[*own, *callbacks], verbose=verbose)
-    if state.epoch:
+        if t.distribution == "none":
+            gan.fit(images, labels if gan.conditional else None, batch_size=t.batch_size, shuffle=True,
+                    initial_epoch=state.epoch, epochs=t.epochs, callbacks=[*own, *callbacks], verbose=verbose)
+        else:
+            batches = process_batches(images, labels if gan.conditional else None, t.batch_size, config.seed,
+                                      range(state.epoch, t.epochs), process_index(), process_count())
+            gan.fit(batches, steps_per_epoch=-(-len(images) // t.batch_size), initial_epoch=state.epoch,
+                    epochs=t.epochs, callbacks=[*own, *callbacks], verbose=verbose)
+    if state.epoch and writer:
         for listener in listeners:  # what a resumed run restored, also when nothing was left to train
             listener.on_checkpoint(state)
     return gan, pd.DataFrame(state.history), pd.DataFrame(state.fid_history)
@@ -438,6 +466,28 @@ def even_split(images: np.ndarray, labels: np.ndarray, batch_size: int,
     return images[:-left_out], labels[:-left_out]
 
 
+def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    """Returns the order of the `count` training images in epoch `epoch` (0-based) under train.distribution: the
+    same in every process and on every resume, from `seed` and the epoch alone."""
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def process_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int, seed: int, epochs: range,
+                    index: int, count: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """Yields process `index`'s part of each global batch of `batch_size` of `epochs`: (images,) or (images, labels).
+
+    Each epoch's global batches are consecutive runs of epoch_order, the last one smaller; process `index` of
+    `count` takes the index-th of `count` equal slices of each (Keras' JAX trainer joins the processes' slices in
+    process order into the global batch). So any number of processes, one included, trains on the same global
+    batches. Every batch must divide by `count` (even_split and check_distribution see to that).
+    """
+    for epoch in epochs:
+        order = epoch_order(seed, epoch, len(images))
+        for start in range(0, len(order), batch_size):
+            rows = np.split(order[start:start + batch_size], count)[index]
+            yield (images[rows],) if labels is None else (images[rows], labels[rows])  # tuples, as fit() wants
+
+
 def restore_outputs(gan: GAN, state: TrainState, best_weights: list[np.ndarray] | None,
                     outputs: TrainOutputs) -> None:
     """Rewrites the history CSVs and the best generator that a resumed run had made before it stopped."""
@@ -451,11 +501,15 @@ def restore_outputs(gan: GAN, state: TrainState, best_weights: list[np.ndarray] 
 
 
 def save_models(gan: GAN, outputs: TrainOutputs) -> None:
-    """Writes the final generator (averaged, when `train.ema` is on) and discriminator as float32 .keras files."""
+    """Writes the final generator (averaged, when `train.ema` is on) and discriminator as float32 .keras files.
+
+    Every process makes them (averaged_generator swaps variables that all processes share); process 0 writes them.
+    """
     for model, path in ((averaged_generator(gan), outputs.generator),
                         (float32_copy(gan.discriminator), outputs.discriminator)):
-        with atomic_path(path) as tmp:
-            model.save(tmp)
+        if is_writer():
+            with atomic_path(path) as tmp:
+                model.save(tmp)
 
 
 def summarize(history: pd.DataFrame, fid_history: pd.DataFrame) -> dict[str, Any]:
@@ -471,11 +525,17 @@ def train_and_log(config: Config, images: np.ndarray, labels: np.ndarray, classi
     """Returns the history of a full training run, resumed from a matching checkpoint when one exists.
 
     Every output is written to `outputs` and tracked: in the interrupted run when resuming one,
-    else in a new run.
+    else in a new run. With several processes, process 0 alone does both; the others train beside it and
+    neither write nor touch MLflow.
     """
     t = config.train
     check_distribution(t.distribution, t.batch_size)  # before a run is opened for a training that cannot start
     fingerprint = training_fingerprint(config, images, labels, classifier)
+    check_same_inputs(fingerprint)
+    if not is_writer():
+        gan, history, _ = train_gan(config, images, labels, classifier, outputs)
+        save_models(gan, outputs)  # the same computations as process 0's, writing nothing
+        return history
     state = read_state(outputs.checkpoint, fingerprint, config.train.epochs)
     with tracking.start_run(config, manifest, resume_run_id=state and state.run_id, dataset=(images, labels)) as run:
         state = state or TrainState(fingerprint=fingerprint)

@@ -7,16 +7,17 @@
 - PostgreSQL (Debian's server, /usr/lib/postgresql/<version>/bin) holds MLflow's runs and registry: database
   `mlflow`, user `mlflow`, password authentication over TCP only. PostgreSQL refuses to run as root: run as
   root, this script runs it as the `postgres` system user (else `nobody`; `--pg-user` picks another).
-- An S3-compatible server, `moto_server` (the `team` extras), with one bucket. moto keeps objects in memory:
-  they are gone when the stack stops. A team runs MinIO or uses S3 itself; nothing else changes.
+- An S3-compatible server, `moto_server` (the `team` extras), with one bucket, checking every request's keys and
+  signature as S3 does. moto keeps objects in memory: they are gone when the stack stops. A team runs MinIO or
+  uses S3 itself; nothing else changes.
 - `mlflow server --backend-store-uri postgresql://... --artifacts-destination s3://<bucket>/mlflow`: clients
   send artifacts through it, so only the server needs the S3 credentials for MLflow (DVC's remote needs them too).
 
 Everything lives in the stack's folder (`--dir`, default `.stack/` in the project root, git-ignored): the
 servers' logs, PostgreSQL's data and the file `env`, which `source .stack/env` exports: MLFLOW_TRACKING_URI,
-MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY. Credentials come from the environment
-(STACK_PG_PASSWORD, STACK_S3_ACCESS_KEY, STACK_S3_SECRET_KEY) or that file, else are generated once; they are
-written only to that file (mode 600), and everything printed masks them. Ports are free ones at the first start
+MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY. PostgreSQL's password comes from the
+environment (STACK_PG_PASSWORD) or that file, else is generated once; the S3 keys are issued by moto at each start
+of the S3 server. Credentials are written only to that file (mode 600), and everything printed masks them. Ports are free ones at the first start
 unless --pg-port, --s3-port, --mlflow-port (or STACK_PG_PORT, ...) say otherwise, and the same ones after.
 """
 
@@ -40,7 +41,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,7 @@ BIN = Path(sys.executable).parent  # moto_server and mlflow: the project's envir
 DEFAULT_DIR = ROOT / ".stack"
 DB = "mlflow"  # the PostgreSQL database and user
 DEFAULT_BUCKET = "dcgan"
+S3_USER = "dcgan-stack"  # the IAM user moto issues the stack's S3 keys to
 REGION = "us-east-1"  # any region: moto and MinIO ignore it, boto3 wants one
 # MLflow migrates a new PostgreSQL database on its first start: a minute or more on a busy machine.
 START_TIMEOUT_S = 240
@@ -94,7 +96,12 @@ class Stack:
         """Returns the variables that point MLflow's clients, DVC's S3 remote and boto3 at the stack."""
         return {"MLFLOW_TRACKING_URI": self.mlflow_url, "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
                 "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_DEFAULT_REGION": REGION}
+                "AWS_DEFAULT_REGION": REGION,
+                # MLflow's clients fetch artifacts straight from S3 through presigned URLs when the server offers
+                # them; moto, once it checks keys, fails every presigned request (it looks for an Authorization
+                # header), so with this stack artifacts come and go through the tracking server. S3 and MinIO
+                # need neither line.
+                "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false"}
 
     def settings(self) -> dict[str, str]:
         return {"STACK_PG_PORT": str(self.pg_port), "STACK_S3_PORT": str(self.s3_port),
@@ -162,11 +169,10 @@ def load_stack(folder: Path, args: argparse.Namespace | None = None) -> Stack:
         pg_user=pg_user,
         pg_data=Path(setting("STACK_PG_DATA", None, lambda: str(pg_data_folder(folder, pg_user)))),
         pg_password=setting("STACK_PG_PASSWORD", None, lambda: secrets.token_urlsafe(18)),
-        # The exported names are the AWS ones, but a user's own AWS keys must not become the stack's.
-        access_key=os.environ.get("STACK_S3_ACCESS_KEY") or saved.get("AWS_ACCESS_KEY_ID")
-        or f"stack{secrets.token_hex(6)}",
-        secret_key=os.environ.get("STACK_S3_SECRET_KEY") or saved.get("AWS_SECRET_ACCESS_KEY")
-        or secrets.token_urlsafe(24),
+        # The S3 server issues the keys (issue_s3_keys); until it has, none. The exported names are the AWS
+        # ones, but a user's own AWS keys must not become the stack's: only the env file's are read.
+        access_key=saved.get("AWS_ACCESS_KEY_ID") or "none-yet",
+        secret_key=saved.get("AWS_SECRET_ACCESS_KEY") or "none-yet",
     )
 
 
@@ -259,7 +265,7 @@ def init_postgres(stack: Stack) -> None:
         conf.write("\n# team stack\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n")
 
 
-def start_postgres(stack: Stack) -> None:
+def start_postgres(stack: Stack) -> Stack:
     init_postgres(stack)
     if not pg_running(stack):
         as_pg_user(stack, [str(pg_bin() / "pg_ctl"), "-D", "data", "-l", "postgres.log", "-w", "-t",
@@ -268,6 +274,7 @@ def start_postgres(stack: Stack) -> None:
                                 "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DB}'"])
     if exists.stdout.strip() != "1":
         as_pg_user(stack, [str(pg_bin() / "createdb"), "-h", "127.0.0.1", "-p", str(stack.pg_port), "-U", DB, DB])
+    return stack
 
 
 def pg_running(stack: Stack) -> bool:
@@ -378,17 +385,53 @@ def tail(stack: Stack, name: str, lines: int = 20) -> str:
     return ""
 
 
-def start_s3(stack: Stack) -> None:
-    if running_pid(stack, "s3") is None:
-        spawn(stack, "s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(stack.s3_port)],
-              {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-    wait_for(stack, "s3", stack.s3_url)
+def s3_client(stack: Stack, service: str = "s3", access_key: str | None = None, secret_key: str | None = None):
     import boto3  # the team extras
 
-    s3 = boto3.client("s3", endpoint_url=stack.s3_url, aws_access_key_id=stack.access_key,
-                      aws_secret_access_key=stack.secret_key, region_name=REGION)
-    if stack.bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
-        s3.create_bucket(Bucket=stack.bucket)
+    return boto3.client(service, endpoint_url=stack.s3_url, region_name=REGION,
+                        aws_access_key_id=access_key or stack.access_key,
+                        aws_secret_access_key=secret_key or stack.secret_key)
+
+
+def issue_s3_keys(stack: Stack) -> Stack:
+    """Returns the stack with keys that a new moto_server issued, its bucket made, and authentication on.
+
+    moto checks no signature until told to: then, like S3 and MinIO, it refuses unknown keys and wrong secrets
+    (InvalidAccessKeyId, SignatureDoesNotMatch), so the stack shows what wrong credentials do. moto issues the
+    keys itself (an IAM user allowed s3:*); they change at each start of the S3 server, and the env file follows.
+    """
+    iam = s3_client(stack, "iam", "setup", "setup")  # any keys: nothing is checked yet
+    with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
+        iam.create_user(UserName=S3_USER)
+    iam.put_user_policy(UserName=S3_USER, PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName=S3_USER)["AccessKey"]
+    stack = replace(stack, access_key=key["AccessKeyId"], secret_key=key["SecretAccessKey"])
+    write_env_file(stack)
+    s3_client(stack).create_bucket(Bucket=stack.bucket)
+    # From now on every request is authenticated: 0 unauthenticated actions left.
+    # (text/plain: as a form, which urllib's default type says it is, the body would not reach moto.)
+    request = urllib.request.Request(f"{stack.s3_url}/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+    return stack
+
+
+def start_s3(stack: Stack) -> Stack:
+    """Returns the stack once its S3 server answers, with working keys and its bucket."""
+    new = running_pid(stack, "s3") is None
+    if new:
+        spawn(stack, "s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(stack.s3_port)],
+              {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    wait_for(stack, "s3", s3_health_url(stack))
+    # A running one keeps the keys it issued, which the env file holds.
+    return issue_s3_keys(stack) if new else stack
+
+
+def s3_health_url(stack: Stack) -> str:
+    """Returns a URL that moto answers without credentials (its dashboard), also once authentication is on."""
+    return f"{stack.s3_url}/moto-api/"
 
 
 def server_env(stack: Stack) -> dict[str, str]:
@@ -407,11 +450,12 @@ def mlflow_command(stack: Stack, port: int, artifacts: str) -> list[str]:
             "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
 
-def start_mlflow(stack: Stack) -> None:
+def start_mlflow(stack: Stack) -> Stack:
     if running_pid(stack, "mlflow") is None:
         spawn(stack, "mlflow", mlflow_command(stack, stack.mlflow_port, f"s3://{stack.bucket}/mlflow"),
               server_env(stack))
     wait_for(stack, "mlflow", f"{stack.mlflow_url}/health")
+    return stack
 
 
 # --- commands -----------------------------------------------------------------------------------------------------
@@ -424,7 +468,7 @@ def start(stack: Stack) -> None:
     steps = (("postgres", start_postgres), ("s3", start_s3), ("mlflow", start_mlflow))
     for name, step in steps:
         print(f"starting {name} ...", flush=True)
-        step(stack)
+        stack = step(stack)
     show(stack)
     print(f"\nThe variables (credentials masked here) are in {env_file(stack.folder)}: "
           f"`source {display(env_file(stack.folder))}`")
@@ -461,7 +505,7 @@ def show(stack: Stack) -> bool:
     states = {
         "postgres": (pg_answers(stack), (f"postgresql://{DB}:***@127.0.0.1:{stack.pg_port}/{DB}  (data: "
                                          f"{stack.pg_data}, user {stack.pg_user})")),
-        "s3": (answers(stack.s3_url), f"{stack.s3_url}  (moto_server, bucket s3://{stack.bucket})"),
+        "s3": (answers(s3_health_url(stack)), f"{stack.s3_url}  (moto_server, bucket s3://{stack.bucket})"),
         "mlflow": (answers(f"{stack.mlflow_url}/health"),
                    f"{stack.mlflow_url}  (artifacts: s3://{stack.bucket}/mlflow)"),
     }

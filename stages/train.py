@@ -6,10 +6,12 @@ from pipeline.config import load_config
 from pipeline.data import load_manifest, load_split
 from pipeline.models import load_model
 from pipeline.paths import TrainOutputs
+from pipeline.devices import initialize_processes
 from pipeline.train import train_and_log
 
 
 def main() -> None:
+    initialize_processes()  # one process per machine when KERAS_DISTRIBUTION_* ask; before JAX is first used
     config = load_config()
     images, labels = load_split(paths.TRAIN_SPLIT)
     classifier = load_model(paths.CLASSIFIER)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import http.server
 import os
 import shutil
@@ -178,6 +179,42 @@ def mlflow_server(folder: Path, start_timeout: float = 180) -> Iterator[str]:
         yield url
     finally:
         stop(process)
+
+
+TEAM_STACK = ROOT / "scripts" / "team_stack.py"
+TEAM_STACK_TIMEOUT_S = 600
+POSTGRES_NOT_INSTALLED = (
+    "PostgreSQL's server is not installed (no /usr/lib/postgresql/*/bin/initdb, no pg_ctl on PATH): `make postgres` "
+    "installs Debian's, and `make test` runs it first; by hand, as root: apt-get install postgresql")
+
+
+def team_stack_command(command: str, folder: Path, *options: str) -> subprocess.CompletedProcess:
+    """Returns the finished `scripts/team_stack.py <command> --dir folder`, run with none of the user's stack,
+    MLflow or AWS variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STACK_", "MLFLOW_", "AWS_"))}
+    return subprocess.run([sys.executable, str(TEAM_STACK), command, "--dir", str(folder), *options], env=env,
+                          capture_output=True, text=True, timeout=TEAM_STACK_TIMEOUT_S, check=False)
+
+
+@contextlib.contextmanager
+def team_stack(folder: Path) -> Iterator[str]:
+    """Yields the output of `scripts/team_stack.py start` in `folder` (PostgreSQL, S3, mlflow server on 127.0.0.1),
+    stopped and purged after; its env file is folder/env.
+
+    Skips the test, saying why, where PostgreSQL's server is not installed; under CI (the CI variable set) that
+    fails instead.
+    """
+    if not (shutil.which("pg_ctl") or glob.glob("/usr/lib/postgresql/*/bin/initdb")):
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(POSTGRES_NOT_INSTALLED, pytrace=False)
+        pytest.skip(POSTGRES_NOT_INSTALLED)
+    started = team_stack_command("start", folder)
+    try:
+        assert started.returncode == 0, f"stack start failed:\n{started.stdout}\n{started.stderr}"
+        yield started.stdout + started.stderr
+    finally:
+        stopped = team_stack_command("stop", folder, "--purge")
+        assert stopped.returncode == 0, f"stack stop failed:\n{stopped.stdout}\n{stopped.stderr}"
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:

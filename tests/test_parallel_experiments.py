@@ -1,5 +1,6 @@
 """Experiments in parallel (issue 19): two `dvc exp run --queue` and `dvc queue start -j 2` finish both, each into its
-own complete MLflow run, with the project's new SQLite store and with a tracking server (conftest.mlflow_server).
+own complete MLflow run, with the project's new SQLite store, with a tracking server (conftest.mlflow_server) and
+with the team stack (PostgreSQL, S3 and an mlflow server over them: conftest.team_stack).
 
 One project is prepared once, its stages up to the classifier reproduced and committed, so the queued experiments
 skip them; it has no MLflow store yet (train is the first stage to open one), so both experiments create the new
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import TINY_OVERRIDES, copy_project, make_project, mlflow_server, run
+from conftest import TINY_OVERRIDES, copy_project, make_project, mlflow_server, run, team_stack
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +76,28 @@ def store(kind: str, root: Path, env: dict) -> Iterator[tuple[str, dict]]:
     if kind == "sqlite":
         yield f"sqlite:///{root / 'mlflow.db'}", env
         return
-    folder = root.parent / "server"
+    folder = root.parent / kind
     folder.mkdir()
-    with mlflow_server(folder) as url:
-        yield url, {**env, "MLFLOW_TRACKING_URI": url}
+    if kind == "server":
+        with mlflow_server(folder) as url:
+            yield url, {**env, "MLFLOW_TRACKING_URI": url}
+        return
+    with team_stack(folder):
+        exported = {k: v for k, v in read_env_file(folder / "env").items() if not k.startswith("STACK_")}
+        yield exported["MLFLOW_TRACKING_URI"], {**env, **exported}
 
 
-@pytest.fixture(scope="module", params=["sqlite", "server"])
+def read_env_file(path: Path) -> dict[str, str]:
+    """Returns the variables of the stack's env file (scripts/team_stack.py), as `source` would set them."""
+    values = {}
+    for line in path.read_text().splitlines():
+        name, equals, value = line.removeprefix("export ").partition("=")
+        if equals and not name.startswith("#"):
+            values[name] = shlex.split(value)[0] if value else ""
+    return values
+
+
+@pytest.fixture(scope="module", params=["sqlite", "server", "stack"])
 def queued(request, baseline, tmp_path_factory):
     """The two experiments run in parallel into one store: the queue's status and logs, `dvc exp show`'s results,
     the store's client and its runs by experiment name."""

@@ -3,82 +3,62 @@
 
 One module-scoped stack and one tiny `dvc repro` into it: the run is read back through MLflow's client (its store
 PostgreSQL, its artifacts in the bucket and nowhere on disk); `dvc push` to an S3 remote on the same server and
-`dvc pull` into a fresh clone give back every output; a wrong PostgreSQL password or a missing bucket stops the
-train stage at once with one line naming the store, its credentials masked.
+`dvc pull` into a fresh clone give back every output; a wrong PostgreSQL password, a missing bucket or wrong S3
+keys stop the train stage at once with one line naming the store, its credentials masked; PostgreSQL and S3
+restarted during training lose and double no metric and no artifact.
 
-Skipped, saying why, only where PostgreSQL's server is not installed (`make postgres` installs it, and `make test`
-runs that first); under CI (the CI variable set) a missing PostgreSQL fails instead.
+Skipped, saying why, only where PostgreSQL's server is not installed (conftest.team_stack: `make postgres`
+installs it, and `make test` runs that first); under CI (the CI variable set) a missing PostgreSQL fails instead.
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, TINY_OVERRIDES, copy_project, make_project, run
+from conftest import TEAM_STACK, TINY_OVERRIDES, copy_project, make_project, run, team_stack, team_stack_command
 
 pytestmark = pytest.mark.slow
 
 NAME = "dcgan-mnist"
-SCRIPT = ROOT / "scripts" / "team_stack.py"
 # A stage that cannot reach its stores must say so before training; MLflow's own retries take minutes.
 FAIL_FAST_S = 60
-STACK_TIMEOUT_S = 600
 WRONG_PASSWORD = "not-the-password-7f3a"
-NOT_INSTALLED = ("PostgreSQL's server is not installed (no /usr/lib/postgresql/*/bin/initdb, no pg_ctl on PATH): "
-                 "`make postgres` installs Debian's, and `make test` runs it first; by hand, as root: "
-                 "apt-get install postgresql")
 
 
 def load_script():
     """Returns scripts/team_stack.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("team_stack", SCRIPT)
+    spec = importlib.util.spec_from_file_location("team_stack", TEAM_STACK)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-team_stack = load_script()
-
-
-def postgres_installed() -> bool:
-    return bool(shutil.which("pg_ctl") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
-def stack_command(command: str, folder: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STACK_", "MLFLOW_", "AWS_"))}
-    return subprocess.run([sys.executable, str(SCRIPT), command, "--dir", str(folder)], env=env,
-                          capture_output=True, text=True, timeout=STACK_TIMEOUT_S, check=False)
+team_stack_script = load_script()
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Yields the running stack (scripts/team_stack.py start): its settings, env variables and start output."""
-    if not postgres_installed():
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(NOT_INSTALLED, pytrace=False)
-        pytest.skip(NOT_INSTALLED)
     folder = tmp_path_factory.mktemp("stack")
-    started = stack_command("start", folder)
-    try:
-        assert started.returncode == 0, f"stack start failed:\n{started.stdout}\n{started.stderr}"
-        yield SimpleNamespace(folder=folder, stack=team_stack.load_stack(folder), output=started.stdout + started.stderr,
-                              env=team_stack.read_env_file(folder / "env"))
-    finally:
-        stopped = subprocess.run([sys.executable, str(SCRIPT), "stop", "--purge", "--dir", str(folder)],
-                                 capture_output=True, text=True, timeout=STACK_TIMEOUT_S, check=False)
-        assert stopped.returncode == 0, f"stack stop failed:\n{stopped.stdout}\n{stopped.stderr}"
+    with team_stack(folder) as output:
+        yield SimpleNamespace(folder=folder, stack=team_stack_script.load_stack(folder), output=output,
+                              env=team_stack_script.read_env_file(folder / "env"))
 
 
 def stack_env(env: dict, stack) -> dict:
@@ -98,10 +78,21 @@ def project(stack, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(stack):
+    """Yields an MLflow client of the stack, in this process set up as `source .stack/env` sets up a shell."""
     from mlflow import MlflowClient
 
     url = stack.stack.mlflow_url
-    return MlflowClient(tracking_uri=url, registry_uri=url)
+    proxy = {k: v for k, v in stack.stack.env().items() if k.startswith("MLFLOW_ENABLE_PROXY_")}
+    saved = {k: os.environ.get(k) for k in proxy}
+    os.environ.update(proxy)
+    try:
+        yield MlflowClient(tracking_uri=url, registry_uri=url)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +120,7 @@ def test_start_answers_on_every_server_and_prints_the_variables_with_credentials
         assert secret not in (stack.folder / "mlflow.log").read_text()
     assert (stack.folder / "env").stat().st_mode & 0o777 == 0o600
     assert stack.env["MLFLOW_TRACKING_URI"] == s.mlflow_url and stack.env["AWS_SECRET_ACCESS_KEY"] == s.secret_key
-    status = stack_command("status", stack.folder)
+    status = team_stack_command("status", stack.folder)
     assert status.returncode == 0, status.stdout + status.stderr
     assert s.pg_password not in status.stdout and "DOWN" not in status.stdout
 
@@ -261,28 +252,181 @@ def test_a_wrong_postgresql_password_stops_the_train_stage_at_once_naming_the_st
     assert not (root / "models/checkpoints/checkpoint.npz").exists()
 
 
-@pytest.fixture
-def server_without_bucket(stack):
-    """Yields the URL of a second mlflow server on the stack's PostgreSQL whose artifacts bucket does not exist."""
+@contextlib.contextmanager
+def second_server(stack, artifacts: str, **env) -> Iterator[str]:
+    """Yields the URL of a second mlflow server on the stack's PostgreSQL, its artifacts in `artifacts`, its
+    environment the stack's with `env` changed."""
     s = stack.stack
-    port = team_stack.free_port()
-    name = "mlflow-no-bucket"
-    team_stack.spawn(s, name, team_stack.mlflow_command(s, port, "s3://no-such-bucket/mlflow"),
-                     team_stack.server_env(s))
+    port = team_stack_script.free_port()
+    name = f"mlflow-{port}"
+    team_stack_script.spawn(s, name, team_stack_script.mlflow_command(s, port, artifacts), {**team_stack_script.server_env(s), **env})
     try:
-        team_stack.wait_for(s, name, f"http://127.0.0.1:{port}/health")
+        team_stack_script.wait_for(s, name, f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}"
     finally:
-        team_stack.stop_process(s, name)
+        team_stack_script.stop_process(s, name)
 
 
-def test_a_missing_bucket_stops_the_train_stage_before_training_naming_the_store(project, server_without_bucket,
-                                                                                 tmp_path):
+def assert_stops_before_training_naming_the_store(project, server: str, tmp_path) -> str:
+    """Returns the one error line of a train stage that used `server` and stopped before its first epoch."""
     root = train_stage_without_its_outputs(project, tmp_path)
-    result, _ = run_train_stage(root, {**project.env, "MLFLOW_TRACKING_URI": server_without_bucket})
+    result, _ = run_train_stage(root, {**project.env, "MLFLOW_TRACKING_URI": server})
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     assert "Traceback" not in output
-    [line] = [line for line in error_lines(result, server_without_bucket) if "artifact" in line]
+    [line] = [line for line in error_lines(result, server) if "artifact" in line]
     assert " ERROR " in line
     assert not (root / "models/checkpoints/checkpoint.npz").exists()  # no epoch was trained
+    return line
+
+
+def test_a_missing_bucket_stops_the_train_stage_before_training_naming_the_store(project, stack, tmp_path):
+    with second_server(stack, "s3://no-such-bucket/mlflow") as server:
+        assert_stops_before_training_naming_the_store(project, server, tmp_path)
+
+
+def test_wrong_s3_keys_stop_the_train_stage_before_training_naming_the_store_masked(project, stack, tmp_path):
+    with second_server(stack, f"s3://{stack.stack.bucket}/mlflow", AWS_SECRET_ACCESS_KEY=WRONG_PASSWORD) as server:
+        line = assert_stops_before_training_naming_the_store(project, server, tmp_path)
+    assert WRONG_PASSWORD not in line and "S3 keys" in line
+    # The stack's S3 server checks signatures, as S3 does: the same key with the wrong secret is refused.
+    assert "SignatureDoesNotMatch" in (stack.folder / f"mlflow-{server.rsplit(':', 1)[1]}.log").read_text()
+
+
+# Epochs of the interrupted training. PostgreSQL is down from OUTAGE_FROM's FID line until the metric buffer has
+# waited through OUTAGE_EPOCHS more; S3 is down from the second-last epoch until the tracking server has failed to
+# store one of the train stage's uploads, and S3_DOWN_AFTER_FAILED_UPLOAD_S longer.
+RESTART_EPOCHS, OUTAGE_FROM, OUTAGE_EPOCHS = 12, 2, 2
+S3_DOWN_AFTER_FAILED_UPLOAD_S = 5
+# The server's access log line of an artifact upload it answered with an error.
+FAILED_UPLOAD = r'"PUT /api/2\.0/mlflow-artifacts/artifacts/\S+ HTTP/1\.1" 5\d\d'
+
+RESTART_TIMEOUT_S = 900
+
+
+class RestartableS3:
+    """127.0.0.1:port forwarding to the S3 server: `down()` refuses connections and drops the open ones, as a
+    stopped server does, and `up()` answers again on the same port.
+
+    moto keeps its objects in memory, so restarting moto itself would lose them, which no real S3 server does (MinIO
+    keeps them on disk); in front of it, this gives its clients a real restart's outage with the objects kept.
+    """
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        self.port = team_stack_script.free_port()
+        self.links: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again
+        self.listener.settimeout(0.2)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self.listener = self.listener, None
+        listener.close()
+        for link in self.links:
+            with contextlib.suppress(OSError):
+                link.shutdown(socket.SHUT_RDWR)
+            link.close()
+        self.links.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self.listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.links += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+
+
+def wait_for_line(log: Path, process: subprocess.Popen, pattern: str, deadline: float) -> None:
+    """Returns once `log` has a match of `pattern`; fails the test if the process ended or the deadline passed first."""
+    while not re.search(pattern, log.read_text(errors="replace")):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{log.name} never had {pattern!r}:\n{log.read_text(errors='replace')[-3000:]}",
+                        pytrace=False)
+        time.sleep(0.2)
+
+
+def test_restarting_postgresql_and_s3_during_training_loses_and_doubles_nothing(project, stack, client, s3,
+                                                                               tmp_path):
+    """PostgreSQL really restarts; S3 is restarted as its clients see it (RestartableS3), behind a tracking server of
+    the stack's that reaches S3 only through it."""
+    import yaml
+
+    s = stack.stack
+    root = train_stage_without_its_outputs(project, tmp_path)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = RESTART_EPOCHS
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = tmp_path / "train.log"
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    s3_front = RestartableS3(s.s3_port)
+    with second_server(stack, f"s3://{s.bucket}/mlflow", MLFLOW_S3_ENDPOINT_URL=s3_front.url) as server:
+        server_log = stack.folder / f"mlflow-{server.rsplit(':', 1)[1]}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, stdout=out,
+                                       stderr=subprocess.STDOUT, env={**project.env, "MLFLOW_TRACKING_URI": server})
+        try:
+            wait_for_line(log, process, f"epoch {OUTAGE_FROM}: FID", deadline)
+            team_stack_script.stop_postgres(s)
+            try:
+                wait_for_line(log, process, "does not answer", deadline)
+                wait_for_line(log, process, f"epoch {OUTAGE_FROM + 1 + OUTAGE_EPOCHS}: FID", deadline)
+            finally:
+                team_stack_script.start_postgres(s)
+            wait_for_line(log, process, f"epoch {RESTART_EPOCHS - 1}: FID", deadline)
+            s3_front.down()
+            try:
+                # Down until the stage's uploads met it: the server answered one with an error.
+                wait_for_line(server_log, process, FAILED_UPLOAD, deadline)
+                time.sleep(S3_DOWN_AFTER_FAILED_UPLOAD_S)
+                assert process.poll() is None, "the train stage ended while S3 was down"
+            finally:
+                s3_front.up()
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    output = log.read_text(errors="replace")
+    assert process.returncode == 0, output[-3000:]
+    assert "answers again after" in output and "never reached" not in output
+
+    run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    epochs = list(range(1, RESTART_EPOCHS + 1))
+    for key in ("train/d_loss", "train/g_loss", "train/fid"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == epochs, key
+    csv = (root / "reports/train/history.csv").read_text().splitlines()
+    assert len(csv) - 1 == RESTART_EPOCHS
+    prefix = f"mlflow/{project.experiment_id}/{run_id}/artifacts/"
+    keys = bucket_keys(s3, s.bucket, prefix)
+    expected = ("params.json", "train/history.csv", "train/fid.csv", f"train/grids/epoch_{RESTART_EPOCHS:04d}.png")
+    assert {prefix + path for path in expected} <= keys, keys
+    models = [m for m in client.search_logged_models(experiment_ids=[project.experiment_id])
+              if m.source_run_id == run_id]
+    assert sorted(m.name for m in models) == ["generator", "generator_best"]
+    for model in models:
+        model_prefix = model.artifact_location.replace("mlflow-artifacts:/", "mlflow/", 1).rstrip("/") + "/"
+        assert model_prefix + "MLmodel" in bucket_keys(s3, s.bucket, model_prefix), model.name
