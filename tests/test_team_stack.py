@@ -294,9 +294,11 @@ def test_wrong_s3_keys_stop_the_train_stage_before_training_naming_the_store_mas
 
 
 # Epochs of the interrupted training. PostgreSQL is down from OUTAGE_FROM's FID line until the metric buffer has
-# waited through OUTAGE_EPOCHS more; S3 is down from the second-last epoch until the tracking server has failed to
-# store one of the train stage's uploads, and S3_DOWN_AFTER_FAILED_UPLOAD_S longer.
+# waited through OUTAGE_EPOCHS more; S3 is down from S3_DOWN_EPOCHS before the end (a margin: it must be down before
+# the uploads at the end start) until the tracking server has failed to store one of the train stage's uploads, and
+# S3_DOWN_AFTER_FAILED_UPLOAD_S longer.
 RESTART_EPOCHS, OUTAGE_FROM, OUTAGE_EPOCHS = 12, 2, 2
+S3_DOWN_EPOCHS = 3
 S3_DOWN_AFTER_FAILED_UPLOAD_S = 5
 # The server's access log line of an artifact upload it answered with an error.
 FAILED_UPLOAD = r'"PUT /api/2\.0/mlflow-artifacts/artifacts/\S+ HTTP/1\.1" 5\d\d'
@@ -395,7 +397,7 @@ def test_restarting_postgresql_and_s3_during_training_loses_and_doubles_nothing(
                 wait_for_line(log, process, f"epoch {OUTAGE_FROM + 1 + OUTAGE_EPOCHS}: FID", deadline)
             finally:
                 team_stack_script.start_postgres(s)
-            wait_for_line(log, process, f"epoch {RESTART_EPOCHS - 1}: FID", deadline)
+            wait_for_line(log, process, f"epoch {RESTART_EPOCHS - S3_DOWN_EPOCHS}: FID", deadline)
             s3_front.down()
             try:
                 # Down until the stage's uploads met it: the server answered one with an error.
