@@ -54,7 +54,7 @@ def training_fingerprint(config: Config, images: np.ndarray, labels: np.ndarray,
     return digest.hexdigest()
 
 
-def checkpoint_variables(gan) -> dict[str, list]:
+def _variables(gan) -> dict[str, list]:
     """Returns every variable a checkpoint holds, by part, in the order it stores them."""
     return {"generator": gan.generator.variables, "discriminator": gan.discriminator.variables,
             "g_optimizer": gan.g_optimizer.variables, "d_optimizer": gan.d_optimizer.variables,
@@ -64,7 +64,7 @@ def checkpoint_variables(gan) -> dict[str, list]:
 def save_checkpoint(gan, state: TrainState, best_weights: list[np.ndarray] | None, path: Path) -> None:
     """Writes every variable of `gan`, the best generator's weights and `state` to one npz, atomically."""
     arrays = {"state": np.array(json.dumps(dataclasses.asdict(state)))}
-    for part, variables in checkpoint_variables(gan).items():
+    for part, variables in _variables(gan).items():
         for i, variable in enumerate(variables):
             arrays[f"{part}/{i}"] = ops.convert_to_numpy(variable)
     for i, weight in enumerate(best_weights or []):
@@ -97,11 +97,6 @@ def read_state(path: Path, fingerprint: str, epochs: int | None = None) -> Train
     return state
 
 
-def build_optimizers(gan) -> None:
-    """Creates both optimizers' variables (before the first step creates them), so that they can be assigned."""
-    gan.optimizer.build()  # steps.OptimizerPair: each optimizer on its own model, once
-
-
 def restore_checkpoint(gan, path: Path | None) -> list[np.ndarray] | None:
     """Returns the best generator's weights stored at `path`, after loading every variable into `gan`.
 
@@ -109,8 +104,9 @@ def restore_checkpoint(gan, path: Path | None) -> list[np.ndarray] | None:
     process assigns the values it read: processes on other machines need no copy of the file, and all change
     their shared variables together.
     """
-    build_optimizers(gan)
-    parts = checkpoint_variables(gan)
+    # Both optimizers' variables exist only after a first step: made now, so that they can be assigned.
+    gan.optimizer.build()  # steps.OptimizerPair: each optimizer on its own model, once
+    parts = _variables(gan)
     best = None
     if path is None:  # filled with process 0's values by from_writer below
         values = {part: [np.zeros(v.shape, v.dtype) for v in variables] for part, variables in parts.items()}

@@ -17,8 +17,9 @@ Everything lives in the stack's folder (`--dir`, default `.stack/` in the projec
 servers' logs, PostgreSQL's data and the file `env`, which `source .stack/env` exports: MLFLOW_TRACKING_URI,
 MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY. PostgreSQL's password comes from the
 environment (STACK_PG_PASSWORD) or that file, else is generated once; the S3 keys are issued by moto at each start
-of the S3 server. Credentials are written only to that file (mode 600), and everything printed masks them. Ports are free ones at the first start
-unless --pg-port, --s3-port, --mlflow-port (or STACK_PG_PORT, ...) say otherwise, and the same ones after.
+of the S3 server. Credentials are written only to that file (mode 600), and everything printed masks them. Ports
+are free ones at the first start unless --pg-port, --s3-port, --mlflow-port (or STACK_PG_PORT, ...) say
+otherwise, and the same ones after.
 """
 
 from __future__ import annotations
@@ -401,8 +402,7 @@ def issue_s3_keys(stack: Stack) -> Stack:
     keys itself (an IAM user allowed s3:*); they change at each start of the S3 server, and the env file follows.
     """
     iam = s3_client(stack, "iam", "setup", "setup")  # any keys: nothing is checked yet
-    with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
-        iam.create_user(UserName=S3_USER)
+    iam.create_user(UserName=S3_USER)
     iam.put_user_policy(UserName=S3_USER, PolicyName="s3", PolicyDocument=json.dumps(
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
     key = iam.create_access_key(UserName=S3_USER)["AccessKey"]

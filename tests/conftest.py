@@ -6,6 +6,7 @@ import contextlib
 import functools
 import glob
 import http.server
+import importlib.util
 import os
 import shutil
 import signal
@@ -183,6 +184,18 @@ def mlflow_server(folder: Path, start_timeout: float = 180) -> Iterator[str]:
 
 TEAM_STACK = ROOT / "scripts" / "team_stack.py"
 TEAM_STACK_TIMEOUT_S = 600
+
+
+def _load_team_stack_script():
+    """Returns scripts/team_stack.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("team_stack", TEAM_STACK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+team_stack_script = _load_team_stack_script()
 POSTGRES_NOT_INSTALLED = (
     "PostgreSQL's server is not installed (no /usr/lib/postgresql/*/bin/initdb, no pg_ctl on PATH): `make postgres` "
     "installs Debian's, and `make test` runs it first; by hand, as root: apt-get install postgresql")

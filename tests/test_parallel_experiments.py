@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import TINY_OVERRIDES, copy_project, make_project, mlflow_server, run, team_stack
+from conftest import TINY_OVERRIDES, copy_project, make_project, mlflow_server, run, team_stack, team_stack_script
 
 pytestmark = pytest.mark.slow
 
@@ -83,18 +82,8 @@ def store(kind: str, root: Path, env: dict) -> Iterator[tuple[str, dict]]:
             yield url, {**env, "MLFLOW_TRACKING_URI": url}
         return
     with team_stack(folder):
-        exported = {k: v for k, v in read_env_file(folder / "env").items() if not k.startswith("STACK_")}
+        exported = team_stack_script.load_stack(folder).env()  # what `source .stack/env` exports
         yield exported["MLFLOW_TRACKING_URI"], {**env, **exported}
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """Returns the variables of the stack's env file (scripts/team_stack.py), as `source` would set them."""
-    values = {}
-    for line in path.read_text().splitlines():
-        name, equals, value = line.removeprefix("export ").partition("=")
-        if equals and not name.startswith("#"):
-            values[name] = shlex.split(value)[0] if value else ""
-    return values
 
 
 @pytest.fixture(scope="module", params=["sqlite", "server", "stack"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -30,7 +29,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import TEAM_STACK, TINY_OVERRIDES, copy_project, make_project, run, team_stack, team_stack_command
+from conftest import (TINY_OVERRIDES, copy_project, make_project, run, team_stack, team_stack_command,
+                      team_stack_script)
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +38,6 @@ NAME = "dcgan-mnist"
 # A stage that cannot reach its stores must say so before training; MLflow's own retries take minutes.
 FAIL_FAST_S = 60
 WRONG_PASSWORD = "not-the-password-7f3a"
-
-
-def load_script():
-    """Returns scripts/team_stack.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("team_stack", TEAM_STACK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-team_stack_script = load_script()
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +70,11 @@ def client(stack):
     from mlflow import MlflowClient
 
     url = stack.stack.mlflow_url
-    proxy = {k: v for k, v in stack.stack.env().items() if k.startswith("MLFLOW_ENABLE_PROXY_")}
-    saved = {k: os.environ.get(k) for k in proxy}
-    os.environ.update(proxy)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: the `monkeypatch` fixture is per test
+        for name, value in stack.stack.env().items():
+            if name.startswith("MLFLOW_ENABLE_PROXY_"):
+                patch.setenv(name, value)
         yield MlflowClient(tracking_uri=url, registry_uri=url)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +83,11 @@ def s3(stack):
 
     return boto3.client("s3", endpoint_url=stack.stack.s3_url, aws_access_key_id=stack.stack.access_key,
                         aws_secret_access_key=stack.stack.secret_key, region_name="us-east-1")
+
+
+def bucket_prefix(model) -> str:
+    """Returns the bucket folder of a logged model that the server stores under s3://<bucket>/mlflow."""
+    return model.artifact_location.replace("mlflow-artifacts:/", "mlflow/", 1).rstrip("/") + "/"
 
 
 def bucket_keys(s3, bucket: str, prefix: str) -> set[str]:
@@ -168,7 +155,7 @@ def test_the_artifacts_are_in_the_bucket_and_not_on_local_disk(project, client, 
     assert any(key.startswith(run_prefix + "registry/") for key in keys), sorted(keys)
     generator = client.search_logged_models(experiment_ids=[project.experiment_id],
                                             filter_string="name = 'generator'")[0]
-    model_prefix = generator.artifact_location.replace("mlflow-artifacts:/", "mlflow/", 1).rstrip("/") + "/"
+    model_prefix = bucket_prefix(generator)
     assert model_prefix + "MLmodel" in bucket_keys(s3, s.bucket, model_prefix)
     for folder in (project.root, stack.folder):
         for store in ("mlruns", "mlartifacts", "mlflow.db"):
@@ -253,16 +240,17 @@ def test_a_wrong_postgresql_password_stops_the_train_stage_at_once_naming_the_st
 
 
 @contextlib.contextmanager
-def second_server(stack, artifacts: str, **env) -> Iterator[str]:
-    """Yields the URL of a second mlflow server on the stack's PostgreSQL, its artifacts in `artifacts`, its
+def second_server(stack, artifacts: str, **env) -> Iterator[SimpleNamespace]:
+    """Yields the URL and log of a second mlflow server on the stack's PostgreSQL, its artifacts in `artifacts`, its
     environment the stack's with `env` changed."""
     s = stack.stack
     port = team_stack_script.free_port()
     name = f"mlflow-{port}"
-    team_stack_script.spawn(s, name, team_stack_script.mlflow_command(s, port, artifacts), {**team_stack_script.server_env(s), **env})
+    team_stack_script.spawn(s, name, team_stack_script.mlflow_command(s, port, artifacts),
+                            {**team_stack_script.server_env(s), **env})
     try:
         team_stack_script.wait_for(s, name, f"http://127.0.0.1:{port}/health")
-        yield f"http://127.0.0.1:{port}"
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", log=stack.folder / f"{name}.log")
     finally:
         team_stack_script.stop_process(s, name)
 
@@ -282,15 +270,15 @@ def assert_stops_before_training_naming_the_store(project, server: str, tmp_path
 
 def test_a_missing_bucket_stops_the_train_stage_before_training_naming_the_store(project, stack, tmp_path):
     with second_server(stack, "s3://no-such-bucket/mlflow") as server:
-        assert_stops_before_training_naming_the_store(project, server, tmp_path)
+        assert_stops_before_training_naming_the_store(project, server.url, tmp_path)
 
 
 def test_wrong_s3_keys_stop_the_train_stage_before_training_naming_the_store_masked(project, stack, tmp_path):
     with second_server(stack, f"s3://{stack.stack.bucket}/mlflow", AWS_SECRET_ACCESS_KEY=WRONG_PASSWORD) as server:
-        line = assert_stops_before_training_naming_the_store(project, server, tmp_path)
+        line = assert_stops_before_training_naming_the_store(project, server.url, tmp_path)
     assert WRONG_PASSWORD not in line and "S3 keys" in line
     # The stack's S3 server checks signatures, as S3 does: the same key with the wrong secret is refused.
-    assert "SignatureDoesNotMatch" in (stack.folder / f"mlflow-{server.rsplit(':', 1)[1]}.log").read_text()
+    assert "SignatureDoesNotMatch" in server.log.read_text()
 
 
 # Epochs of the interrupted training. PostgreSQL is down from OUTAGE_FROM's FID line until the metric buffer has
@@ -385,10 +373,9 @@ def test_restarting_postgresql_and_s3_during_training_loses_and_doubles_nothing(
     deadline = time.monotonic() + RESTART_TIMEOUT_S
     s3_front = RestartableS3(s.s3_port)
     with second_server(stack, f"s3://{s.bucket}/mlflow", MLFLOW_S3_ENDPOINT_URL=s3_front.url) as server:
-        server_log = stack.folder / f"mlflow-{server.rsplit(':', 1)[1]}.log"
         with log.open("w") as out:
             process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, stdout=out,
-                                       stderr=subprocess.STDOUT, env={**project.env, "MLFLOW_TRACKING_URI": server})
+                                       stderr=subprocess.STDOUT, env={**project.env, "MLFLOW_TRACKING_URI": server.url})
         try:
             wait_for_line(log, process, f"epoch {OUTAGE_FROM}: FID", deadline)
             team_stack_script.stop_postgres(s)
@@ -401,7 +388,7 @@ def test_restarting_postgresql_and_s3_during_training_loses_and_doubles_nothing(
             s3_front.down()
             try:
                 # Down until the stage's uploads met it: the server answered one with an error.
-                wait_for_line(server_log, process, FAILED_UPLOAD, deadline)
+                wait_for_line(server.log, process, FAILED_UPLOAD, deadline)
                 time.sleep(S3_DOWN_AFTER_FAILED_UPLOAD_S)
                 assert process.poll() is None, "the train stage ended while S3 was down"
             finally:
@@ -430,5 +417,5 @@ def test_restarting_postgresql_and_s3_during_training_loses_and_doubles_nothing(
               if m.source_run_id == run_id]
     assert sorted(m.name for m in models) == ["generator", "generator_best"]
     for model in models:
-        model_prefix = model.artifact_location.replace("mlflow-artifacts:/", "mlflow/", 1).rstrip("/") + "/"
+        model_prefix = bucket_prefix(model)
         assert model_prefix + "MLmodel" in bucket_keys(s3, s.bucket, model_prefix), model.name
