@@ -173,6 +173,16 @@ def train_for(seconds: float, images: np.ndarray, recipe: str | Recipe = "tutori
     counts from the call, tracing and compilation included, and is checked after every step, so
     training stops at the first step that ends past it (at least one step always runs).
     """
+    return train_snapshots([seconds], images, recipe, jit_compile=jit_compile, seed=seed)[0]
+
+
+def train_snapshots(budgets: list[float], images: np.ndarray, recipe: str | Recipe = "tutorial", *,
+                    jit_compile: bool = False, seed: int | None = None) -> list[keras.Model]:
+    """Returns copies of one reference's generator taken as each budget (seconds) runs out, as train_for's.
+
+    One training serves every budget: the recipe has no schedule, so the snapshot after t seconds is
+    what a separate train_for(t) would have returned.
+    """
     start = time.perf_counter()
     r = RECIPES[recipe] if isinstance(recipe, str) else recipe
     x = as_images(images)
@@ -182,9 +192,14 @@ def train_for(seconds: float, images: np.ndarray, recipe: str | Recipe = "tutori
         keras.utils.set_random_seed(seed)
     ref = build(r)
     step = make_train_step(ref, jit_compile=jit_compile)
+    pending, taken = sorted(set(budgets)), {}
     for batch in make_dataset(x, r.batch_size, seed=seed):
         gen_loss, _ = step(batch)
-        if time.perf_counter() - start >= seconds:
+        while pending and time.perf_counter() - start >= pending[0]:
+            float(gen_loss)  # waits for the last step
+            copy = keras.models.clone_model(ref.generator)
+            copy.set_weights(ref.generator.get_weights())
+            taken[pending.pop(0)] = copy
+        if not pending:
             break
-    float(gen_loss)  # waits for the last step
-    return ref.generator
+    return [taken[budget] for budget in budgets]

@@ -20,6 +20,8 @@ ARCHITECTURES = ("dcgan", "mlp", "cdcgan")
 PRECISIONS = ("auto", "float32", "bfloat16")
 ONEDNN_SETTINGS = ("auto", "enabled", "disabled")  # not on/off: YAML reads those as booleans
 DISTRIBUTIONS = ("none", "data_parallel")
+LOSSES = ("bce", "hinge")
+AUGMENTATIONS = ("color", "translation", "cutout")  # DiffAugment's policies (pipeline/augment.py)
 
 
 class ConfigError(PipelineError, ValueError):
@@ -62,7 +64,14 @@ class TrainConfig:
     batch_size: int = _spec(min=1)
     latent_dim: int = _spec(min=1)
     lr: float = _spec(min=0.0, max=1.0, min_exclusive=True)
+    d_lr: float | None = _spec(min=0.0, max=1.0, min_exclusive=True,
+                               doc="the discriminator's own learning rate (two time-scale updates); None = lr")
     beta_1: float = _spec(min=0.0, max=1.0)
+    lr_decay: float = _spec(min=0.0, max=1.0,
+                            doc="share of training at its end over which both learning rates fall linearly to 0")
+    loss: str = _spec(choices=LOSSES, doc="bce: non-saturating cross-entropy from logits; hinge: hinge loss")
+    augment: tuple[str, ...] | None = _spec(choices=AUGMENTATIONS,
+                                            doc="DiffAugment policies applied to every image D sees; None = off")
     sample_every: int = _spec(min=1)
     grid_size: int = _spec(min=1, max=32)
     checkpoint_every: int = _spec(min=1)
@@ -171,6 +180,9 @@ def _fix_hint(path: Path) -> str:
 def config_from_dict(raw: Any) -> Config:
     """Returns the validated Config for a params mapping, raising ConfigError naming the bad key."""
     config = _build(Config, raw, "")
+    if config.train.loss == "hinge" and config.train.label_smoothing:
+        raise ConfigError(f"train.label_smoothing: {config.train.label_smoothing} smooths the targets of the "
+                          "bce loss, and train.loss is hinge, which has none; set it to 0 or train.loss to bce")
     if len(config.model.generator_filters) < 2:
         raise ConfigError("model.generator_filters: needs at least 2 entries (the Dense width and "
                           f"one Conv2DTranspose), got {list(config.model.generator_filters)}")

@@ -21,6 +21,7 @@ import pandas as pd
 from keras import ops
 
 from pipeline import fused, metrics, steps, tracking
+from pipeline.augment import diff_augment
 from pipeline.checkpoint import TrainState, read_state, restore_checkpoint, save_checkpoint, training_fingerprint
 from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.devices import (check_distribution, check_same_inputs, configure_devices, distributed,
@@ -43,8 +44,9 @@ class GAN(keras.Model):
     """A generator and a discriminator trained against each other by fit().
 
     Trains any `model.arch`: a conditional pair gets the real labels from fit's `y` and random
-    labels for its fakes. Options from params: `d_steps` discriminator updates per generator
-    update, one-sided label smoothing, and instance noise on the discriminator's inputs.
+    labels for its fakes. Options from params: the loss (non-saturating cross-entropy or hinge),
+    `d_steps` discriminator updates per generator update, one-sided label smoothing, and, on every
+    image the discriminator sees, differentiable augmentation and instance noise.
 
     Backend-neutral (keras.ops, keras.random): what a step computes is defined here; only its
     gradients and optimizer updates live in pipeline/steps, one module per Keras backend.
@@ -58,8 +60,10 @@ class GAN(keras.Model):
         self.latent_dim = config.latent_dim
         self.d_steps = config.d_steps
         self.real_target = 1.0 - config.label_smoothing
+        self.loss = config.loss
+        self.augment = config.augment or ()
         self.instance_noise = config.instance_noise
-        # Annealed each epoch by InstanceNoiseSchedule; a variable, so the compiled step sees it change.
+        # Annealed each epoch by Schedules; a variable, so the compiled step sees it change.
         self.noise_std = keras.Variable(config.instance_noise, trainable=False, name="noise_std")
         self.noise_seed = keras.random.SeedGenerator(seed)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
@@ -90,7 +94,10 @@ class GAN(keras.Model):
         return self.generator([noise, labels] if self.conditional else noise, training=training)
 
     def _judge(self, images, labels):
-        """Returns the discriminator's float32 logits for `images`, with the instance noise added when on."""
+        """Returns the discriminator's float32 logits for `images`, augmented and with the instance noise added
+        when those are on."""
+        if self.augment:
+            images = diff_augment(images, self.augment, self.noise_seed)
         if self.instance_noise:  # in float32: under mixed precision the fakes come in the compute dtype
             noise = keras.random.normal(ops.shape(images), seed=self.noise_seed)
             images = ops.cast(images, "float32") + self.noise_std * noise
@@ -108,6 +115,8 @@ class GAN(keras.Model):
         return self._judge(real, labels), self._judge(fake, fake_labels)
 
     def _d_loss(self, real_logits, fake_logits):
+        if self.loss == "hinge":
+            return ops.mean(ops.relu(1.0 - real_logits)) + ops.mean(ops.relu(1.0 + fake_logits))
         real_targets = ops.full_like(real_logits, self.real_target)
         return self.loss_fn(real_targets, real_logits) + self.loss_fn(ops.zeros_like(fake_logits), fake_logits)
 
@@ -133,7 +142,8 @@ class GAN(keras.Model):
         fake = self._generate(noise, fake_labels, training=True)
         real_logits, fake_logits = self._judge_both(real, labels, fake, fake_labels)
         d_loss = self._d_loss(real_logits, fake_logits)
-        g_loss = self.loss_fn(ops.ones_like(fake_logits), fake_logits)
+        g_loss = -ops.mean(fake_logits) if self.loss == "hinge" else self.loss_fn(ops.ones_like(fake_logits),
+                                                                                   fake_logits)
         return d_loss, g_loss, real_logits, fake_logits
 
     def record_metrics(self, d_loss, g_loss, real_logits, fake_logits) -> dict:
@@ -156,7 +166,8 @@ class GAN(keras.Model):
 
 
 def build_gan(config: Config, image_shape: tuple[int, int, int]) -> GAN:
-    """Returns the compiled GAN of `model.arch` for `image_shape`, with Adam(lr, beta_1) for each side.
+    """Returns the compiled GAN of `model.arch` for `image_shape`, with Adam(beta_1) at `lr` for the generator and
+    `d_lr` (or `lr`) for the discriminator.
 
     The models compute in `train.mixed_precision`'s policy (variables stay float32); the
     generator's optimizer keeps its exponential moving average when `train.ema` is on.
@@ -165,7 +176,7 @@ def build_gan(config: Config, image_shape: tuple[int, int, int]) -> GAN:
     with precision(dtype_policy(t.mixed_precision)):
         gan = GAN(build_generator(config.model, t.latent_dim, image_shape),
                   build_discriminator(config.model, image_shape), t, config.seed)
-    gan.compile(d_optimizer=fused.Adam(t.lr, beta_1=t.beta_1),
+    gan.compile(d_optimizer=fused.Adam(t.lr if t.d_lr is None else t.d_lr, beta_1=t.beta_1),
                 g_optimizer=fused.Adam(t.lr, beta_1=t.beta_1, use_ema=t.ema > 0, ema_momentum=t.ema))
     # JAX without jit runs op by op, many times slower: there the step is always compiled.
     gan.jit_compile = t.jit_compile or keras.backend.backend() == "jax"
@@ -192,15 +203,33 @@ def averaged_generator(gan: GAN, out: keras.Model | None = None) -> keras.Model:
 
 
 
-class InstanceNoiseSchedule(keras.callbacks.Callback):
-    """Anneals the instance noise linearly from `train.instance_noise` to 0 over training."""
+class Schedules(keras.callbacks.Callback):
+    """Anneals, at each epoch's start, the settings params anneal over training: the instance noise linearly from
+    `train.instance_noise` to 0, and both learning rates linearly to 0 over the last `train.lr_decay` of training.
 
-    def __init__(self, epochs: int):
+    Training's progress is the share of `train.epochs` done or, under a time limit, the share of its seconds gone
+    (counted from `started`, as TimeLimit counts), whichever is further.
+    """
+
+    def __init__(self, config: TrainConfig, started: float = 0.0):
         super().__init__()
-        self.epochs = epochs
+        self.config, self.started = config, started
+
+    def progress(self, epoch: int) -> float:
+        """Returns the share of training done when epoch `epoch` (0-based) begins."""
+        t = self.config
+        done = epoch / t.epochs
+        if t.time_limit_minutes is not None:
+            done = max(done, (time.perf_counter() - self.started) / (t.time_limit_minutes * 60))
+        return min(done, 1.0)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.model.noise_std.assign(self.model.instance_noise * (1.0 - epoch / self.epochs))
+        t, done = self.config, self.progress(epoch)
+        self.model.noise_std.assign(t.instance_noise * (1.0 - done))
+        if t.lr_decay:
+            scale = min(1.0, (1.0 - done) / t.lr_decay)
+            self.model.g_optimizer.learning_rate = t.lr * scale
+            self.model.d_optimizer.learning_rate = (t.lr if t.d_lr is None else t.d_lr) * scale
 
 
 class TrainingDiverged(PipelineError):
@@ -432,8 +461,8 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
                DivergenceGuard()]
         if t.time_limit_minutes is not None:
             own.insert(0, TimeLimit(t.time_limit_minutes, started))
-        if t.instance_noise:
-            own.append(InstanceNoiseSchedule(t.epochs))
+        if t.instance_noise or t.lr_decay:
+            own.append(Schedules(t, started))
         if verbose is None:
             # A live progress bar on a terminal; one line per epoch in logs, where a bar is noise.
             verbose = 1 if sys.stdout.isatty() else 2

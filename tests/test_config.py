@@ -54,6 +54,12 @@ BAD_PARAMS = [
     ({"generator": "first"}, "generator: 'first' is not supported; allowed values: best, last"),
     ({"classifier": {"lr": -0.1}}, "classifier.lr: -0.1 is out of range; allowed values: > 0.0 and <= 1.0"),
     ({"evaluate": {"precision_recall_k": 0}}, "evaluate.precision_recall_k: 0 is out of range; allowed values: >= 1"),
+    ({"train": {"loss": "wasserstein"}}, "train.loss: 'wasserstein' is not supported; allowed values: bce, hinge"),
+    ({"train": {"augment": ["translation", "flip"]}},
+     "train.augment[1]: 'flip' is not supported; allowed values: color, translation, cutout"),
+    ({"train": {"augment": []}}, "train.augment: expected a non-empty list, got [] (list)"),
+    ({"train": {"d_lr": 0.0}}, "train.d_lr: 0.0 is out of range; allowed values: > 0.0 and <= 1.0"),
+    ({"train": {"loss": "hinge", "label_smoothing": 0.1}}, "train.label_smoothing: 0.1 smooths the targets of the bce"),
 ]
 
 

@@ -76,3 +76,17 @@ def test_label_smoothing_leaves_the_generators_targets_at_one(tiny_params, monke
     gan = gan_judging(tiny_params, monkeypatch, REAL_LOGITS, FAKE_LOGITS, label_smoothing=0.2)
     _, g_loss = joint_losses(gan)
     assert g_loss == pytest.approx(bce_from_logits(1.0, FAKE_LOGITS), rel=RTOL)
+
+
+def test_hinge_discriminator_loss_is_the_mean_margin_violation_of_reals_and_fakes(tiny_params, monkeypatch):
+    gan = gan_judging(tiny_params, monkeypatch, REAL_LOGITS, FAKE_LOGITS, loss="hinge")
+    d_loss, _ = joint_losses(gan)
+    # mean max(0, 1 - D(x)) + mean max(0, 1 + D(G(z))) (Lim & Ye 2017; SAGAN, BigGAN).
+    expected = np.mean(np.maximum(0, 1 - REAL_LOGITS)) + np.mean(np.maximum(0, 1 + FAKE_LOGITS))
+    assert d_loss == pytest.approx(float(expected), rel=RTOL)
+
+
+def test_hinge_generator_loss_is_the_negated_mean_logit_of_fakes(tiny_params, monkeypatch):
+    gan = gan_judging(tiny_params, monkeypatch, REAL_LOGITS, FAKE_LOGITS, loss="hinge")
+    _, g_loss = joint_losses(gan)
+    assert g_loss == pytest.approx(float(-np.mean(FAKE_LOGITS)), rel=RTOL)

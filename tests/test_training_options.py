@@ -6,7 +6,7 @@ import pytest
 from conftest import merge
 from pipeline.config import config_from_dict
 from pipeline.paths import TrainOutputs
-from pipeline.train import InstanceNoiseSchedule, TimeLimit, build_gan, train_gan
+from pipeline.train import Schedules, TimeLimit, build_gan, train_gan
 from test_train import classifier  # noqa: F401 (fixture)
 
 
@@ -38,8 +38,9 @@ def test_instance_noise_perturbs_what_the_discriminator_sees(tiny_params):
 
 
 def test_instance_noise_anneals_linearly_to_zero(tiny_params):
-    gan = build_gan(config_with(tiny_params, instance_noise=0.4), (28, 28, 1))
-    schedule = InstanceNoiseSchedule(epochs=4)
+    config = config_with(tiny_params, instance_noise=0.4, epochs=4)
+    gan = build_gan(config, (28, 28, 1))
+    schedule = Schedules(config.train)
     schedule.set_model(gan)
     seen = []
     for epoch in range(4):
@@ -84,3 +85,35 @@ def test_time_limit_counts_from_the_start_of_training_and_expects_an_epoch_like_
     assert not gan.stop_training  # 25 s used, another 25 s epoch fits in 60
     limit.on_epoch_end(1)
     assert gan.stop_training  # 45 s used, and another 20 s epoch would end at 65
+
+
+def test_instance_noise_anneals_over_the_time_limit_when_that_ends_first(tiny_params, monkeypatch):
+    config = config_with(tiny_params, instance_noise=0.4, epochs=1000, time_limit_minutes=100 / 60)
+    gan = build_gan(config, (28, 28, 1))
+    schedule = Schedules(config.train, started=0.0)
+    schedule.set_model(gan)
+    seen = []
+    for now in (25.0, 50.0, 150.0):
+        monkeypatch.setattr("pipeline.train.time.perf_counter", lambda: now)
+        schedule.on_epoch_begin(1)
+        seen.append(float(gan.noise_std))
+    assert seen == pytest.approx([0.3, 0.2, 0.0])
+
+
+def test_learning_rates_stay_then_fall_linearly_to_zero_over_the_last_lr_decay_of_training(tiny_params):
+    config = config_with(tiny_params, lr=0.001, d_lr=0.002, lr_decay=0.5, epochs=10)
+    gan = build_gan(config, (28, 28, 1))
+    schedule = Schedules(config.train)
+    schedule.set_model(gan)
+    seen = []
+    for epoch in (0, 4, 5, 7, 9):
+        schedule.on_epoch_begin(epoch)
+        seen.append([float(gan.g_optimizer.learning_rate), float(gan.d_optimizer.learning_rate)])
+    assert np.allclose(seen, [[0.001, 0.002], [0.001, 0.002], [0.001, 0.002], [0.0006, 0.0012], [0.0002, 0.0004]])
+
+
+def test_trained_optimizers_end_at_the_decayed_learning_rate(tiny_params, scaled_digits, classifier, tmp_path):
+    config = config_with(tiny_params, lr=0.001, lr_decay=0.5, epochs=4)
+    gan, _, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier, TrainOutputs(tmp_path),
+                          verbose=0)
+    assert float(gan.g_optimizer.learning_rate) == pytest.approx(0.0005)  # the last epoch's: 1 - 3/4 over 0.5
