@@ -208,12 +208,13 @@ class Schedules(keras.callbacks.Callback):
     `train.instance_noise` to 0, and both learning rates linearly to 0 over the last `train.lr_decay` of training.
 
     Training's progress is the share of `train.epochs` done or, under a time limit, the share of its seconds gone
-    (counted from `started`, as TimeLimit counts), whichever is further.
+    (counted from `started`, as TimeLimit counts; by default from now), whichever is further.
     """
 
-    def __init__(self, config: TrainConfig, started: float = 0.0):
+    def __init__(self, config: TrainConfig, started: float | None = None):
         super().__init__()
-        self.config, self.started = config, started
+        self.config = config
+        self.started = time.perf_counter() if started is None else started
 
     def progress(self, epoch: int) -> float:
         """Returns the share of training done when epoch `epoch` (0-based) begins."""
