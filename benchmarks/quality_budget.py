@@ -102,11 +102,11 @@ def main() -> None:
             result.update(minutes=minutes)
             columns[f"reference {minutes:g} min"] = result
 
+    floor = next(iter(columns.values()))  # every column holds the same real-vs-real floor
     print(f"\nmachine: {os.cpu_count()} cores; ours computes in {dtype_policy(config.train.mixed_precision)}; "
           f"overrides: {' '.join(args.set) or 'none'}")
     print(f"evaluator: the pipeline's classifier, holdout accuracy {accuracy:.4f}; "
-          f"{next(iter(columns.values()))['num_samples']} samples against as many real training images")
-    floor = next(iter(columns.values()))
+          f"{floor['num_samples']} samples against as many real training images")
     header = f"{'metric':<30}{'goal':>12}{'real floor':>12}" + "".join(f"{name:>20}" for name in columns)
     print(header)
     for metric, goal, higher in GOALS:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-POLICIES = ("color", "translation", "cutout")
 TRANSLATION_RATIO = 0.125  # shift by up to 1/8 of the image side (4 pixels on 28x28)
 CUTOUT_RATIO = 0.5  # one square of half the image side, zeroed
 

@@ -92,6 +92,11 @@ class TrainConfig:
                               doc="data_parallel: Keras' DataParallel over every visible device (JAX backend), "
                                   "train.batch_size the global batch")
 
+    @property
+    def discriminator_lr(self) -> float:
+        """Returns the discriminator's learning rate: `d_lr`, or `lr` when that is None."""
+        return self.lr if self.d_lr is None else self.d_lr
+
 
 @dataclass(frozen=True)
 class ClassifierConfig:

@@ -176,7 +176,7 @@ def build_gan(config: Config, image_shape: tuple[int, int, int]) -> GAN:
     with precision(dtype_policy(t.mixed_precision)):
         gan = GAN(build_generator(config.model, t.latent_dim, image_shape),
                   build_discriminator(config.model, image_shape), t, config.seed)
-    gan.compile(d_optimizer=fused.Adam(t.lr if t.d_lr is None else t.d_lr, beta_1=t.beta_1),
+    gan.compile(d_optimizer=fused.Adam(t.discriminator_lr, beta_1=t.beta_1),
                 g_optimizer=fused.Adam(t.lr, beta_1=t.beta_1, use_ema=t.ema > 0, ema_momentum=t.ema))
     # JAX without jit runs op by op, many times slower: there the step is always compiled.
     gan.jit_compile = t.jit_compile or keras.backend.backend() == "jax"
@@ -230,7 +230,7 @@ class Schedules(keras.callbacks.Callback):
         if t.lr_decay:
             scale = min(1.0, (1.0 - done) / t.lr_decay)
             self.model.g_optimizer.learning_rate = t.lr * scale
-            self.model.d_optimizer.learning_rate = (t.lr if t.d_lr is None else t.d_lr) * scale
+            self.model.d_optimizer.learning_rate = t.discriminator_lr * scale
 
 
 class TrainingDiverged(PipelineError):
