@@ -50,6 +50,7 @@ class ModelConfig:
     discriminator_filters: tuple[int, ...] = _spec(min=1, doc="one strided Conv2D each")
     kernel_size: int = _spec(min=1, max=9)
     dropout: float = _spec(min=0.0, max=0.9)
+    spectral_norm: bool = _spec(doc="divide each discriminator kernel by its spectral norm (Miyato et al. 2018)")
     leaky_relu_slope: float = _spec(min=0.0, max=1.0)
     mlp_generator_units: tuple[int, ...] = _spec(min=1, doc="mlp: hidden Dense widths of the generator")
     mlp_discriminator_units: tuple[int, ...] = _spec(min=1, doc="mlp: hidden Dense widths of the discriminator")

@@ -92,11 +92,14 @@ def keras_class(layer: keras.layers.Layer) -> type:
 
 
 def float32_copy(model: keras.Model) -> keras.Model:
-    """Returns a copy of `model` in float32 with the same weights and Keras' own layer classes: what is saved."""
+    """Returns a copy of `model` in float32 with the same weights (spectrally normalized kernels divided out) and
+    Keras' own layer classes: what is saved."""
 
     def clone(layer):
         return keras_class(layer).from_config({**layer.get_config(), "dtype": "float32"})
 
     copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
+    for source, target in zip(model.layers, copy.layers):
+        # A spectrally normalized layer (pipeline/spectral_norm.py) becomes Keras' own with its kernel normalized.
+        target.set_weights(getattr(source, "inference_weights", source.get_weights)())
     return copy

@@ -18,6 +18,7 @@ from keras import layers
 from pipeline.config import ClassifierConfig, ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.fused import BatchNormalization, Conv2D, Conv2DTranspose
+from pipeline.spectral_norm import SpectralConv2D, SpectralDense
 
 # The generator doubles the resolution twice (7 -> 14 -> 28 for MNIST, 8 -> 16 -> 32 for CIFAR-10).
 UPSAMPLINGS = 2
@@ -74,12 +75,18 @@ def _dcgan_generator(x, config: ModelConfig, image_shape: tuple[int, int, int]):
     return Conv2DTranspose(channels, config.kernel_size, strides=2, padding="same", activation="tanh")(x)
 
 
+def _discriminator_layers(config: ModelConfig) -> tuple[type, type]:
+    """Returns the discriminator's Conv2D and Dense classes: spectrally normalized when `model.spectral_norm`."""
+    return (SpectralConv2D, SpectralDense) if config.spectral_norm else (Conv2D, layers.Dense)
+
+
 def _dcgan_discriminator(x, config: ModelConfig):
+    conv, dense = _discriminator_layers(config)
     for filters in config.discriminator_filters:
-        x = Conv2D(filters, config.kernel_size, strides=2, padding="same")(x)
+        x = conv(filters, config.kernel_size, strides=2, padding="same")(x)
         x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
         x = layers.Dropout(config.dropout)(x)
-    return layers.Dense(1)(layers.Flatten()(x))  # a logit: the loss applies the sigmoid, more stably
+    return dense(1)(layers.Flatten()(x))  # a logit: the loss applies the sigmoid, more stably
 
 
 def _mlp_generator(x, config: ModelConfig, image_shape: tuple[int, int, int]):
@@ -92,11 +99,12 @@ def _mlp_generator(x, config: ModelConfig, image_shape: tuple[int, int, int]):
 
 
 def _mlp_discriminator(x, config: ModelConfig):
+    _, dense = _discriminator_layers(config)
     x = layers.Flatten()(x)
     for units in config.mlp_discriminator_units:
-        x = layers.Dense(units)(x)
+        x = dense(units)(x)
         x = layers.LeakyReLU(negative_slope=config.leaky_relu_slope)(x)
-    return layers.Dense(1)(x)
+    return dense(1)(x)
 
 
 def build_classifier(config: ClassifierConfig, image_shape: tuple[int, int, int]) -> keras.Model:

@@ -37,6 +37,9 @@ STEP_JOBS = {
     "step_dcgan": {"model": {"arch": "dcgan", "dropout": 0.0},
                    "train": {"d_steps": 2, "label_smoothing": 0.1, "ema": 0.9, "lr": STEP_LR}},
     "step_cdcgan": {"model": {"arch": "cdcgan", "dropout": 0.0}, "train": {"d_steps": 1, "ema": 0.9, "lr": STEP_LR}},
+    # Spectral norm's power-iteration vectors are non-trainable discriminator state, updated in the step.
+    "step_dcgan_spectral_norm": {"model": {"arch": "dcgan", "dropout": 0.0, "spectral_norm": True},
+                                 "train": {"d_steps": 2, "ema": 0.0, "lr": STEP_LR}},
 }
 STEP_BATCH = 64
 
