@@ -34,27 +34,24 @@ def normalized_kernel(layer, training):
     return kernel / ops.cast(sigma, kernel.dtype)
 
 
-def _inference_weights(layer) -> list:
-    """Returns the weights of the plain layer that computes what `layer` does at inference: the kernel normalized."""
-    return [keras.ops.convert_to_numpy(normalized_kernel(layer, training=False)),
-            *(keras.ops.convert_to_numpy(layer.bias) for _ in range(layer.use_bias))]
-
-
-def _add_u(layer, units: int) -> None:
-    layer.u = layer.add_weight(shape=(1, units), initializer=keras.initializers.RandomNormal(stddev=1.0),
-                               trainable=False, autocast=False, name="spectral_u", dtype="float32")
-
-
-@keras.saving.register_keras_serializable(package="pipeline")
-class SpectralConv2D(Conv2D):
-    """Returns Conv2D's output computed with the spectrally normalized kernel."""
+class _SpectrallyNormalized:
+    """What a spectrally normalized layer adds to its Keras class: the power-iteration vector `u`, and the weights of
+    the plain layer that computes what it does at inference."""
 
     def build(self, input_shape):
         super().build(input_shape)
-        _add_u(self, self.filters)
+        self.u = self.add_weight(shape=(1, self.kernel.shape[-1]),
+                                 initializer=keras.initializers.RandomNormal(stddev=1.0), trainable=False, autocast=False, name="spectral_u", dtype="float32")
 
     def inference_weights(self) -> list:
-        return _inference_weights(self)
+        """Returns the plain layer's weights: the normalized kernel, then the bias if any."""
+        kernel = ops.convert_to_numpy(normalized_kernel(self, training=False))
+        return [kernel, ops.convert_to_numpy(self.bias)] if self.use_bias else [kernel]
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class SpectralConv2D(_SpectrallyNormalized, Conv2D):
+    """Returns Conv2D's output computed with the spectrally normalized kernel."""
 
     def call(self, inputs, training=None):
         outputs = self.convolution_op(inputs, normalized_kernel(self, training))
@@ -64,15 +61,8 @@ class SpectralConv2D(Conv2D):
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
-class SpectralDense(layers.Dense):
+class SpectralDense(_SpectrallyNormalized, layers.Dense):
     """Returns Dense's output computed with the spectrally normalized kernel."""
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        _add_u(self, self.units)
-
-    def inference_weights(self) -> list:
-        return _inference_weights(self)
 
     def call(self, inputs, training=None):
         outputs = ops.matmul(inputs, normalized_kernel(self, training))

@@ -9,8 +9,8 @@ from pipeline.config import ModelConfig
 from pipeline.models import build_discriminator, build_generator, generate, is_conditional
 
 CONFIG = ModelConfig(arch="dcgan", generator_filters=(16, 8, 4), discriminator_filters=(8, 16), kernel_size=5,
-                     dropout=0.3, spectral_norm=False, leaky_relu_slope=0.2, mlp_generator_units=(32, 64), mlp_discriminator_units=(64, 32),
-                     mlp_batchnorm_momentum=0.8, label_embedding=8)
+                     dropout=0.3, spectral_norm=False, leaky_relu_slope=0.2, mlp_generator_units=(32, 64),
+                     mlp_discriminator_units=(64, 32), mlp_batchnorm_momentum=0.8, label_embedding=8)
 SHAPES = [(28, 28, 1), (32, 32, 3)]
 
 

@@ -10,8 +10,8 @@ from conftest import merge
 from pipeline.config import config_from_dict
 from pipeline.fused import float32_copy
 from pipeline.models import build_discriminator
-from pipeline.spectral_norm import SpectralConv2D, SpectralDense, normalized_kernel
 from pipeline.paths import TrainOutputs
+from pipeline.spectral_norm import SpectralConv2D, SpectralDense, normalized_kernel
 from pipeline.train import train_gan
 from test_train import classifier  # noqa: F401 (fixture)
 
