@@ -41,7 +41,8 @@ class _SpectrallyNormalized:
     def build(self, input_shape):
         super().build(input_shape)
         self.u = self.add_weight(shape=(1, self.kernel.shape[-1]),
-                                 initializer=keras.initializers.RandomNormal(stddev=1.0), trainable=False, autocast=False, name="spectral_u", dtype="float32")
+                                 initializer=keras.initializers.RandomNormal(stddev=1.0), trainable=False,
+                                 autocast=False, name="spectral_u", dtype="float32")
 
     def inference_weights(self) -> list:
         """Returns the plain layer's weights: the normalized kernel, then the bias if any."""
