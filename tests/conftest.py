@@ -37,7 +37,9 @@ settings.load_profile("shared-machine")
 # Small enough for seconds-long tests, the same shape of settings as params.yaml.
 TINY_OVERRIDES = {
     "data": {"limit": 256},
-    "model": {"generator_filters": [16, 8], "discriminator_filters": [8, 16]},
+    # The unconditional DCGAN, on which most tests' expectations were set (serving without labels, gate margins of
+    # a 5-epoch generator); the e2e test and test_combinations run the shipped class-conditional one.
+    "model": {"arch": "dcgan", "generator_filters": [16, 8], "discriminator_filters": [8, 16]},
     "classifier": {"epochs": 1},
     # float32, not params.yaml's `auto`: the same numbers on every CPU (auto picks bfloat16 where the CPU has
     # bfloat16 units); tests/test_precision.py tests both precisions explicitly.

@@ -16,14 +16,18 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TINY_OVERRIDES, copy_project, make_project, run
+from conftest import TINY_OVERRIDES, copy_project, default_params, make_project, merge, run
 from imports import stage_closures
+
+SHIPPED_ARCH = default_params()["model"]["arch"]
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A fresh git + DVC project with the tiny profile, after one `dvc repro`; yields (root, env, dvc, output)."""
-    root, env, dvc = make_project(tmp_path_factory.mktemp("project"), TINY_OVERRIDES)
+    """A fresh git + DVC project with the tiny profile of the shipped architecture, after one `dvc repro`; yields
+    (root, env, dvc, output)."""
+    shipped = merge(TINY_OVERRIDES, {"model": {"arch": SHIPPED_ARCH}})
+    root, env, dvc = make_project(tmp_path_factory.mktemp("project"), shipped)
     output = run([dvc, "repro"], root, env)
     yield root, env, dvc, output.stdout
 
@@ -89,7 +93,7 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert re.fullmatch(r"mnist-dcgan-[0-9a-f]{8}", run.info.run_name)
+    assert re.fullmatch(rf"mnist-{SHIPPED_ARCH}-[0-9a-f]{{8}}", run.info.run_name)
     assert run.info.run_id == json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
     assert run.data.params["train.epochs"] == "1" and run.data.params["train.lr"] == "0.0008"
     assert run.data.params["model.generator_filters"] == "[16, 8]"
