@@ -79,6 +79,8 @@ class TrainConfig:
     d_steps: int = _spec(min=1, max=10, doc="discriminator updates per generator update")
     label_smoothing: float = _spec(min=0.0, max=0.5, doc="one-sided: real targets 1 - this; 0 = off")
     instance_noise: float = _spec(min=0.0, max=2.0, doc="std of Gaussian noise on D's inputs, annealed to 0; 0 = off")
+    mode_seeking: float = _spec(min=0.0, max=10.0,
+                                doc="weight of the mode-seeking term (MSGAN) in the generator's loss; 0 = off")
     d_win_loss: float = _spec(min=0.0, doc="d_loss below this for d_win_epochs epochs: warn that D wins")
     d_win_epochs: int = _spec(min=1)
     eval_every: int = _spec(min=1, doc="epochs between FID/KID evaluations; the best FID is kept")

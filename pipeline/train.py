@@ -63,6 +63,7 @@ class GAN(keras.Model):
         self.loss = config.loss
         self.augment = config.augment or ()
         self.instance_noise = config.instance_noise
+        self.mode_seeking = config.mode_seeking
         # Annealed each epoch by Schedules; a variable, so the compiled step sees it change.
         self.noise_std = keras.Variable(config.instance_noise, trainable=False, name="noise_std")
         self.noise_seed = keras.random.SeedGenerator(seed)
@@ -138,12 +139,17 @@ class GAN(keras.Model):
 
         One generator pass serves both updates, as in the TF tutorial: cheaper than two.
         """
-        noise, fake_labels = self._latent(ops.shape(real)[0])
+        batch = ops.shape(real)[0]
+        noise, fake_labels = self._latent(batch)
+        if self.mode_seeking and self.conditional:
+            fake_labels = paired_labels(fake_labels)
         fake = self._generate(noise, fake_labels, training=True)
         real_logits, fake_logits = self._judge_both(real, labels, fake, fake_labels)
         d_loss = self._d_loss(real_logits, fake_logits)
         g_loss = -ops.mean(fake_logits) if self.loss == "hinge" else self.loss_fn(ops.ones_like(fake_logits),
                                                                                    fake_logits)
+        if self.mode_seeking:
+            g_loss = g_loss + self.mode_seeking * mode_seeking_loss(fake, noise)
         return d_loss, g_loss, real_logits, fake_logits
 
     def record_metrics(self, d_loss, g_loss, real_logits, fake_logits) -> dict:
@@ -163,6 +169,26 @@ class GAN(keras.Model):
     def train_step(self, *args):
         # (data) under TensorFlow's trainer, (state, data) under JAX's: pipeline/steps has one per backend.
         return steps.train_step(self, *args)
+
+
+def paired_labels(labels):
+    """Returns `labels` with its second half a copy of its first: the pairs mode_seeking_loss compares share a class."""
+    half = ops.shape(labels)[0] // 2
+    return ops.concatenate([labels[:half], labels[:ops.shape(labels)[0] - half]], axis=0)
+
+
+def mode_seeking_loss(fake, noise):
+    """Returns MSGAN's term (Mao et al. 2019): the inverse of how far apart two fakes are per unit of noise distance.
+
+    The batch's first half is paired with its second. A generator that maps different noise to
+    the same image (mode collapse: low recall) gets a large loss; one whose images vary with the
+    noise a small one. Mean absolute differences, in float32 whatever the compute dtype.
+    """
+    half = ops.shape(fake)[0] // 2
+    fake = ops.cast(fake, "float32")
+    image_distance = ops.mean(ops.abs(fake[:half] - fake[half:2 * half]))
+    noise_distance = ops.mean(ops.abs(noise[:half] - noise[half:2 * half]))
+    return 1.0 / (image_distance / noise_distance + 1e-5)
 
 
 def build_gan(config: Config, image_shape: tuple[int, int, int]) -> GAN:

@@ -27,7 +27,7 @@ TRAIN_JOBS = {
     "train_dcgan": {"model": {"arch": "dcgan"}, "train": {"mixed_precision": "bfloat16", "ema": 0.9,
                                                            "instance_noise": 0.2}},
     "train_cdcgan": {"model": {"arch": "cdcgan"}, "train": {"mixed_precision": "float32", "ema": 0.0, "d_steps": 2,
-                                                             "label_smoothing": 0.1}},
+                                                             "label_smoothing": 0.1, "mode_seeking": 1.0}},
 }
 RESUMED = "train_dcgan"  # also resumed from its checkpoint for one more epoch
 # Deterministic models (no dropout, no instance noise); EMA on so its slots are compared too. Both are
@@ -36,7 +36,8 @@ STEP_LR = 0.5
 STEP_JOBS = {
     "step_dcgan": {"model": {"arch": "dcgan", "dropout": 0.0},
                    "train": {"d_steps": 2, "label_smoothing": 0.1, "ema": 0.9, "lr": STEP_LR}},
-    "step_cdcgan": {"model": {"arch": "cdcgan", "dropout": 0.0}, "train": {"d_steps": 1, "ema": 0.9, "lr": STEP_LR}},
+    "step_cdcgan": {"model": {"arch": "cdcgan", "dropout": 0.0}, "train": {"d_steps": 1, "ema": 0.9, "lr": STEP_LR,
+                                                                        "mode_seeking": 1.0}},
     # Spectral norm's power-iteration vectors are non-trainable discriminator state, updated in the step.
     "step_dcgan_spectral_norm": {"model": {"arch": "dcgan", "dropout": 0.0, "spectral_norm": True},
                                  "train": {"d_steps": 2, "ema": 0.0, "lr": STEP_LR}},

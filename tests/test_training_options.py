@@ -6,7 +6,7 @@ import pytest
 from conftest import merge
 from pipeline.config import config_from_dict
 from pipeline.paths import TrainOutputs
-from pipeline.train import Schedules, TimeLimit, build_gan, train_gan
+from pipeline.train import Schedules, TimeLimit, build_gan, mode_seeking_loss, paired_labels, train_gan
 from test_train import classifier  # noqa: F401 (fixture)
 
 
@@ -117,3 +117,38 @@ def test_trained_optimizers_end_at_the_decayed_learning_rate(tiny_params, scaled
     gan, _, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier, TrainOutputs(tmp_path),
                           verbose=0)
     assert float(gan.g_optimizer.learning_rate) == pytest.approx(0.0005)  # the last epoch's: 1 - 3/4 over 0.5
+
+
+def test_mode_seeking_loss_punishes_a_generator_that_ignores_its_noise():
+    noise = np.random.default_rng(0).normal(size=(8, 100)).astype(np.float32)
+    collapsed = np.zeros((8, 28, 28, 1), np.float32)
+    varied = np.random.default_rng(1).uniform(-1, 1, size=(8, 28, 28, 1)).astype(np.float32)
+    assert float(mode_seeking_loss(collapsed, noise)) > 1000 * float(mode_seeking_loss(varied, noise))
+
+
+def test_mode_seeking_loss_is_the_inverse_of_image_over_noise_distance_between_the_halves():
+    noise = np.concatenate([np.zeros((2, 4)), np.full((2, 4), 2.0)]).astype(np.float32)
+    fake = np.concatenate([np.zeros((2, 3, 3, 1)), np.full((2, 3, 3, 1), 0.5)]).astype(np.float32)
+    assert float(mode_seeking_loss(fake, noise)) == pytest.approx(1 / (0.5 / 2.0 + 1e-5))
+
+
+@pytest.mark.parametrize("batch", [6, 7])
+def test_mode_seeking_pairs_share_their_class(batch):
+    labels = np.arange(batch).reshape(-1, 1)
+    paired = np.asarray(paired_labels(labels))
+    half = batch // 2
+    assert paired.shape == (batch, 1) and (paired[:half] == paired[half:2 * half]).all()
+
+
+def test_mode_seeking_adds_to_the_generators_loss_only(tiny_params):
+    real = np.zeros((8, 28, 28, 1), np.float32)
+    labels = np.arange(8).reshape(-1, 1) % 10
+    params = merge(tiny_params, {"model": {"arch": "cdcgan", "dropout": 0.0}})
+    plain = build_gan(config_from_dict(merge(params, {"train": {"mode_seeking": 0.0}})), (28, 28, 1))
+    seeking = build_gan(config_from_dict(merge(params, {"train": {"mode_seeking": 1.0}})), (28, 28, 1))
+    seeking.set_weights(plain.get_weights())
+    d_plain, g_plain, *_ = plain.joint_losses(real, labels)
+    d_seeking, g_seeking, *_ = seeking.joint_losses(real, labels)
+    # Both GANs draw the same noise (same seed); the term is positive, so G's loss rises by at least it.
+    assert float(g_seeking) > float(g_plain) + 0.5
+    assert float(d_seeking) == pytest.approx(float(d_plain), abs=0.5)
