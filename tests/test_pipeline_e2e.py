@@ -20,13 +20,14 @@ from conftest import TINY_OVERRIDES, copy_project, default_params, make_project,
 from imports import stage_closures
 
 SHIPPED_ARCH = default_params()["model"]["arch"]
+SHIPPED_MODE_SEEKING = default_params()["train"]["mode_seeking"]
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A fresh git + DVC project with the tiny profile of the shipped architecture, after one `dvc repro`; yields
-    (root, env, dvc, output)."""
-    shipped = merge(TINY_OVERRIDES, {"model": {"arch": SHIPPED_ARCH}})
+    """A fresh git + DVC project with the tiny profile of the shipped recipe (architecture and loss), after one
+    `dvc repro`; yields (root, env, dvc, output)."""
+    shipped = merge(TINY_OVERRIDES, {"model": {"arch": SHIPPED_ARCH}, "train": {"mode_seeking": SHIPPED_MODE_SEEKING}})
     root, env, dvc = make_project(tmp_path_factory.mktemp("project"), shipped)
     output = run([dvc, "repro"], root, env)
     yield root, env, dvc, output.stdout
