@@ -161,6 +161,8 @@ def evaluate_report(config: Config, generators: dict[str, keras.Model], classifi
                 title=f"{config.data.name}: generator '{config.generator}' (epoch "
                       f"{result['best_epoch'] if config.generator == 'best' else result['last_epoch']}), "
                       f"FID {result['fid']:.2f} (real floor {result['real_floor_fid']:.2f}), "
-                      f"{result['modes']}/10 classes, precision {result['precision']:.2f}, "
-                      f"recall {result['recall']:.2f}")
+                      f"{result['modes']}/10 classes\nprecision {result['precision']:.2f}, "
+                      f"recall {result['recall']:.2f}, density {result['density']:.2f}, "
+                      f"coverage {result['coverage']:.2f}, "
+                      f"memorization distance ratio {result['memorization_distance_ratio']:.2f}")
     return result

@@ -104,6 +104,20 @@ def test_generator_last_is_the_one_evaluated_and_named_in_the_report(setup, tmp_
     assert titles[0].startswith("mnist: generator 'last' (epoch 15)")
 
 
+def test_report_title_gives_every_sample_quality_metric(setup, tmp_path, monkeypatch):
+    config, classifier, _, train, holdout = setup
+    generator = build_generator(config.model, config.train.latent_dim, (28, 28, 1))
+    titles = []
+    monkeypatch.setattr("pipeline.evaluate.draw_report", lambda *args, title: titles.append(title))
+    history = pd.DataFrame({"epoch": [5], "fid": [30.0], "kid": [0.3]})
+    result = evaluate_report(config, {"best": generator, "last": generator}, classifier, train, holdout, history,
+                             tmp_path / "report.png")
+    for name, key in [("FID", "fid"), ("precision", "precision"), ("recall", "recall"), ("density", "density"),
+                      ("coverage", "coverage"), ("memorization distance ratio", "memorization_distance_ratio")]:
+        assert f"{name} {result[key]:.2f}" in titles[0]
+    assert f"{result['modes']}/10 classes" in titles[0]
+
+
 @pytest.mark.parametrize(("choice", "saved"), [("best", paths.GENERATOR_BEST), ("last", paths.GENERATOR)])
 def test_generator_choice_names_the_file_training_saves_it_to(choice, saved):
     # save_models writes the last (averaged) generator to GENERATOR; the best-FID one goes to GENERATOR_BEST.
