@@ -139,8 +139,7 @@ class GAN(keras.Model):
 
         One generator pass serves both updates, as in the TF tutorial: cheaper than two.
         """
-        batch = ops.shape(real)[0]
-        noise, fake_labels = self._latent(batch)
+        noise, fake_labels = self._latent(ops.shape(real)[0])
         if self.mode_seeking and self.conditional:
             fake_labels = paired_labels(fake_labels)
         fake = self._generate(noise, fake_labels, training=True)
@@ -173,8 +172,8 @@ class GAN(keras.Model):
 
 def paired_labels(labels):
     """Returns `labels` with its second half a copy of its first: the pairs mode_seeking_loss compares share a class."""
-    half = ops.shape(labels)[0] // 2
-    return ops.concatenate([labels[:half], labels[:ops.shape(labels)[0] - half]], axis=0)
+    count = ops.shape(labels)[0]
+    return ops.concatenate([labels[:count // 2], labels[:count - count // 2]], axis=0)
 
 
 def mode_seeking_loss(fake, noise):
