@@ -144,7 +144,7 @@ def test_mode_seeking_adds_to_the_generators_loss_only(tiny_params):
     real = np.zeros((8, 28, 28, 1), np.float32)
     labels = np.arange(8).reshape(-1, 1) % 10
     params = merge(tiny_params, {"model": {"arch": "cdcgan", "dropout": 0.0}})
-    # A vanishing weight pairs the fake labels as weight 1 does, so both GANs judge the same batch: only the term differs.
+    # A vanishing weight pairs the fake labels as weight 1 does: both GANs judge the same batch, only the term differs.
     faint = build_gan(config_from_dict(merge(params, {"train": {"mode_seeking": 1e-9}})), (28, 28, 1))
     seeking = build_gan(config_from_dict(merge(params, {"train": {"mode_seeking": 1.0}})), (28, 28, 1))
     seeking.set_weights(faint.get_weights())
