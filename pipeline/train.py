@@ -281,24 +281,34 @@ class DivergenceGuard(keras.callbacks.Callback):
 
 
 class TimeLimit(keras.callbacks.Callback):
-    """Stops training at the end of the first epoch that leaves too little time for another.
+    """Stops training at the end of the first epoch that leaves too little time for another and the wrap-up.
 
-    The time counts from `started`, the start of train_gan, so building the models and tracing
-    the step count too; another epoch is estimated from the last one, callbacks included. Runs
-    before EpochEnd, which then sees `stop_training` and treats the epoch as the last.
+    The time counts from `started`, the start of train_gan, so building the models and tracing the step count
+    too. Another epoch is estimated from this one's training, and an epoch's wrap-up (the callbacks' work after
+    it: EpochEnd's evaluation, sample grid and checkpoint) as the longest seen so far: the last epoch always does
+    all of EpochEnd's work, and this epoch's may be as long. Runs before EpochEnd, which then sees
+    `stop_training` and treats the epoch as the last.
     """
 
     def __init__(self, minutes: float, started: float):
         super().__init__()
         self.seconds = minutes * 60
-        self.started = self.last_end = started
+        self.started = self.began = started
+        self.ended: float | None = None
+        self.wrap_up = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.began = time.perf_counter()
+        if self.ended is not None:
+            self.wrap_up = max(self.wrap_up, self.began - self.ended)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        now = time.perf_counter()
-        last_epoch, self.last_end = now - self.last_end, now
+        now = self.ended = time.perf_counter()
+        # Going on costs this epoch's wrap-up, the next epoch and the last wrap-up; stopping, one wrap-up.
+        needed = (now - self.began) + 2 * self.wrap_up
         # Process 0's clock decides for all: a process that stopped alone would leave the others waiting in the
         # next step's all-reduce.
-        if from_writer(np.bool_(now - self.started + last_epoch > self.seconds)):
+        if from_writer(np.bool_(now - self.started + needed > self.seconds)):
             log.info("train.time_limit_minutes reached after epoch %d (%.0f s)", epoch + 1, now - self.started)
             self.model.stop_training = True
 

@@ -74,17 +74,34 @@ def test_time_limit_stops_at_an_epoch_end_and_treats_it_as_the_last(tiny_params,
     assert (TrainOutputs(tmp_path).grids / "epoch_0001.png").exists()
 
 
-def test_time_limit_counts_from_the_start_of_training_and_expects_an_epoch_like_the_last(tiny_params, monkeypatch):
-    gan = build_gan(config_with(tiny_params), (28, 28, 1))
-    limit = TimeLimit(minutes=1.0, started=0.0)
+def run_time_limit(gan, minutes: float, epochs: list[tuple[float, float]], monkeypatch) -> list[bool]:
+    """Returns stop_training after each epoch, for epochs beginning and ending at the given seconds (from 0)."""
+    limit = TimeLimit(minutes=minutes, started=0.0)
     limit.set_model(gan)
     gan.stop_training = False
-    ends = iter([25.0, 45.0])  # epoch 1 ends 25 s after train_gan began (model building included), epoch 2 at 45 s
-    monkeypatch.setattr("pipeline.train.time.perf_counter", lambda: next(ends))
-    limit.on_epoch_end(0)
-    assert not gan.stop_training  # 25 s used, another 25 s epoch fits in 60
-    limit.on_epoch_end(1)
-    assert gan.stop_training  # 45 s used, and another 20 s epoch would end at 65
+    clock = iter([t for epoch in epochs for t in epoch])
+    monkeypatch.setattr("pipeline.train.time.perf_counter", lambda: next(clock))
+    stops = []
+    for number in range(len(epochs)):
+        limit.on_epoch_begin(number)
+        limit.on_epoch_end(number)
+        stops.append(gan.stop_training)
+    return stops
+
+
+def test_time_limit_counts_from_the_start_of_training_and_expects_an_epoch_like_the_last(tiny_params, monkeypatch):
+    gan = build_gan(config_with(tiny_params), (28, 28, 1))
+    # Epoch 1 begins 10 s after train_gan began (model building counts) and trains 20 s; epoch 2 trains 21 s.
+    assert run_time_limit(gan, 1.0, [(10.0, 30.0), (30.0, 51.0)], monkeypatch) == [False, True]
+
+
+def test_time_limit_keeps_room_for_the_longest_wrap_up_because_the_last_epoch_evaluates(tiny_params, monkeypatch):
+    gan = build_gan(config_with(tiny_params), (28, 28, 1))
+    # 10 s epochs; after epoch 2 an evaluation takes 10 s. At 41 s, going on would cost up to 10 + 10 + 10 s.
+    epochs = [(0.0, 10.0), (11.0, 21.0), (31.0, 41.0)]
+    assert run_time_limit(gan, 70 / 60, epochs, monkeypatch) == [False, False, True]
+    # Without that evaluation the same epochs leave room for a fourth within 70 s.
+    assert run_time_limit(gan, 70 / 60, [(0.0, 10.0), (11.0, 21.0), (22.0, 32.0)], monkeypatch) == [False] * 3
 
 
 def test_instance_noise_anneals_over_the_time_limit_when_that_ends_first(tiny_params, monkeypatch):
