@@ -23,9 +23,14 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 
-def flipped(kernel):
-    """Returns a transposed convolution's kernel (h, w, out, in) as the forward convolution's (h, w, in, out)."""
-    return tf.transpose(kernel[::-1, ::-1], [0, 1, 3, 2])
+def as_keras_runs_it(x, kernel):
+    """Returns the stride-1 "same" transposed convolution of `x` (kernel: h, w, out, in) as Keras computes it."""
+    return keras.ops.conv_transpose(x, kernel, strides=1, padding="same")
+
+
+def rewritten(x, kernel):
+    """Returns the same as a forward convolution by the kernel flipped in space, its channel axes swapped."""
+    return tf.nn.conv2d(x, tf.transpose(kernel[::-1, ::-1], [0, 1, 3, 2]), 1, "SAME")
 
 
 def median_ms(function, arguments, blocks: int, steps: int) -> float:
@@ -53,10 +58,8 @@ def main() -> None:
     x, dy = rng.normal((b, 7, 7, 256)), rng.normal((b, 7, 7, 128))
     kernel = rng.normal((5, 5, 128, 256)) * 0.02  # Conv2DTranspose's layout: (h, w, out, in)
     variants = {
-        "forward as Keras runs it (Conv2DBackpropInput)": (
-            tf.function(lambda x, k: keras.ops.conv_transpose(x, k, strides=1, padding="same")), (x, kernel)),
-        "forward as a Conv2D of the flipped kernel": (
-            tf.function(lambda x, k: tf.nn.conv2d(x, flipped(k), 1, "SAME")), (x, kernel)),
+        "forward as Keras runs it (Conv2DBackpropInput)": (tf.function(as_keras_runs_it), (x, kernel)),
+        "forward as a Conv2D of the flipped kernel": (tf.function(rewritten), (x, kernel)),
         "input gradient (Conv2D, either way)": (
             tf.function(lambda dy, k: tf.nn.conv2d(dy, k, 1, "SAME")), (dy, kernel)),
         "kernel gradient as Keras runs it (BackpropFilter of dy by x)": (
@@ -66,9 +69,8 @@ def main() -> None:
             tf.function(lambda x, dy: tf.compat.v1.nn.conv2d_backprop_filter(x, [5, 5, 256, 128], dy, [1, 1, 1, 1],
                                                                              "SAME")), (x, dy)),
     }
-    keras_out = keras.ops.conv_transpose(x, kernel, strides=1, padding="same")
-    rewritten = tf.nn.conv2d(x, flipped(kernel), 1, "SAME")
-    difference = float(tf.reduce_max(tf.abs(keras_out - rewritten)) / tf.reduce_max(tf.abs(keras_out)))
+    expected = as_keras_runs_it(x, kernel)
+    difference = float(tf.reduce_max(tf.abs(expected - rewritten(x, kernel))) / tf.reduce_max(tf.abs(expected)))
     print(f"oneDNN ISA limit: {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}, TF_ENABLE_ONEDNN_OPTS="
           f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}, batch {b}, float32; rewrite's largest relative "
           f"difference: {difference:.1e}")
