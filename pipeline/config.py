@@ -91,6 +91,9 @@ class TrainConfig:
     jit_compile: bool = _spec(doc="compile the training step with XLA")
     onednn: str = _spec(choices=ONEDNN_SETTINGS,
                         doc="TensorFlow's oneDNN CPU kernels; auto: on for x86 with AVX2")
+    winograd: str = _spec(choices=ONEDNN_SETTINGS,
+                          doc="stride-1 5x5 transposed convolutions as Winograd F(4x4, 5x5), float32 only; "
+                              "auto: on a CPU with oneDNN")
     distribution: str = _spec(choices=DISTRIBUTIONS,
                               doc="data_parallel: Keras' DataParallel over every visible device (JAX backend), "
                                   "train.batch_size the global batch")

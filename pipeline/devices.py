@@ -63,12 +63,22 @@ def onednn_enabled() -> bool | None:
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
-def speed_settings(setting_precision: str, jit_compile: bool) -> dict[str, str]:
+def winograd_enabled(setting: str) -> bool:
+    """Returns whether `train.winograd` turns Winograd convolutions on (pipeline/fused.py): "auto" does on a CPU
+    with oneDNN, where they were measured faster (benchmarks/stride1_transpose.py), not on a GPU or without it."""
+    return setting == "enabled" or (setting == "auto" and not gpu_count() and bool(onednn_enabled()))
+
+
+def speed_settings(setting_precision: str, jit_compile: bool, winograd: str) -> dict[str, str]:
     """Returns the settings a training step ran with, for the train log and the run's tags."""
     onednn = onednn_enabled()
+    policy = dtype_policy(setting_precision)
+    # Winograd runs only on TensorFlow, in float32 (pipeline/fused.py).
+    winograd_on = winograd_enabled(winograd) and onednn is not None and policy == "float32"
     return {"speed.cpu_units": isa_summary(cpu_flags()),
             "speed.onednn": "n/a" if onednn is None else ("on" if onednn else "off"),
-            "speed.dtype_policy": dtype_policy(setting_precision),
+            "speed.dtype_policy": policy,
+            "speed.winograd": "on" if winograd_on else "off",
             "speed.xla": "on" if jit_compile or keras.backend.backend() == "jax" else "off"}
 
 

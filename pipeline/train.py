@@ -201,6 +201,7 @@ def build_gan(config: Config, image_shape: tuple[int, int, int]) -> GAN:
     with precision(dtype_policy(t.mixed_precision)):
         gan = GAN(build_generator(config.model, t.latent_dim, image_shape),
                   build_discriminator(config.model, image_shape), t, config.seed)
+    fused.choose_winograd(gan.generator, t.winograd)
     gan.compile(d_optimizer=fused.Adam(t.discriminator_lr, beta_1=t.beta_1),
                 g_optimizer=fused.Adam(t.lr, beta_1=t.beta_1, use_ema=t.ema > 0, ema_momentum=t.ema))
     # JAX without jit runs op by op, many times slower: there the step is always compiled.
@@ -482,7 +483,7 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
         log.info("training with %s in %s: %d images of shape %s; %s", device, gan.generator.dtype_policy.name,
                  len(images), images.shape[1:],
                  ", ".join(f"{k.removeprefix('speed.')} {v}"
-                           for k, v in {**speed_settings(t.mixed_precision, t.jit_compile),
+                           for k, v in {**speed_settings(t.mixed_precision, t.jit_compile, t.winograd),
                                         **distribution_settings(t.distribution)}.items()))
         best_weights = None
         if state.epoch:
@@ -605,7 +606,7 @@ def train_and_log(config: Config, images: np.ndarray, labels: np.ndarray, classi
     with tracking.start_run(config, manifest, resume_run_id=state and state.run_id, dataset=(images, labels)) as run:
         state = state or TrainState(fingerprint=fingerprint)
         state.run_id = run.info.run_id
-        run.set_tags({**speed_settings(t.mixed_precision, t.jit_compile), **distribution_settings(t.distribution)})
+        run.set_tags({**speed_settings(t.mixed_precision, t.jit_compile, t.winograd), **distribution_settings(t.distribution)})
         gan, history, fid_history = train_gan(config, images, labels, classifier, outputs, state=state,
                                               callbacks=[run.epoch_logger()])
         save_models(gan, outputs)

@@ -176,3 +176,56 @@ def test_fused_adam_runs_the_apply_adam_kernel():
     graph = tf.function(lambda g: optimizer.apply_gradients([(g, variable)])).get_concrete_function(
         tf.TensorSpec((3,))).graph
     assert "ResourceApplyAdam" in {op.type for op in graph.get_operations()}
+
+
+@pytest.mark.parametrize("taps", [3, 5])
+def test_winograd_matrices_compute_a_correlation(taps):
+    from pipeline import tf_kernels
+
+    a_t, g, b_t = tf_kernels.winograd_matrices(taps)
+    rng = np.random.default_rng(5)
+    d, kernel = rng.normal(size=taps + 3), rng.normal(size=taps)
+    direct = [sum(kernel[k] * d[i + k] for k in range(taps)) for i in range(4)]
+    np.testing.assert_allclose(a_t @ ((g @ kernel) * (b_t @ d)), direct, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 7, 7, 32), (3, 5, 9, 8), (2, 1, 1, 4)], ids=["7x7", "5x9", "1x1"])
+def test_winograd_transposed_convolution_trains_like_keras_own(shape):
+    ours, theirs = twin_convolutions("Conv2DTranspose", 16, 5, 1, shape, "float32")
+    ours.winograd = True
+    x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    for what, a, b in zip(["outputs", "d_inputs", "d_kernel"], conv_gradients(ours, x), conv_gradients(theirs, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=what)  # float32 rounding
+
+
+def test_winograd_transposed_convolution_runs_no_convolution_kernel():
+    ours, _ = twin_convolutions("Conv2DTranspose", 8, 5, 1, (4, 7, 7, 8), "float32")
+    ours.winograd = True
+    types = kernel_gradient_ops(ours, (4, 7, 7, 8)) | {
+        op.type for op in tf.function(ours).get_concrete_function(tf.TensorSpec((4, 7, 7, 8))).graph.get_operations()}
+    assert not {t for t in types if t.startswith("Conv2D")} and "BatchMatMulV2" in types
+
+
+def winograd_layers(model) -> list[str]:
+    return [layer.name for layer in model.layers if getattr(layer, "winograd", False)]
+
+
+@pytest.mark.parametrize("setting", ["enabled", "disabled"])
+def test_choose_winograd_sets_exactly_the_float32_stride1_5x5_transposed_convolutions(tiny_config, setting):
+    config = tiny_config.model.__class__(**{**tiny_config.model.__dict__, "arch": "dcgan", "kernel_size": 5,
+                                            "generator_filters": (16, 8, 4)})
+    with precision("float32"):
+        generator = build_generator(config, 100, (28, 28, 1))
+    stride1 = [layer.name for layer in generator.layers
+               if isinstance(layer, keras.layers.Conv2DTranspose) and layer.strides == (1, 1)]
+    assert len(stride1) == 1  # (16, 8, 4): 7x7 -> 7x7, then two upsamplings
+    assert fused.choose_winograd(generator, setting) == (1 if setting == "enabled" else 0)
+    assert winograd_layers(generator) == (stride1 if setting == "enabled" else [])
+
+
+def test_choose_winograd_leaves_bfloat16_layers_alone(tiny_config):
+    config = tiny_config.model.__class__(**{**tiny_config.model.__dict__, "arch": "dcgan", "kernel_size": 5,
+                                            "generator_filters": (16, 8, 4)})
+    with precision("mixed_bfloat16"):
+        generator = build_generator(config, 100, (28, 28, 1))
+    assert fused.choose_winograd(generator, "enabled") == 0 and not winograd_layers(generator)

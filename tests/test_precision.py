@@ -139,3 +139,35 @@ def test_xla_training_runs(tiny_params, scaled_digits, classifier, tmp_path):
     _, history, _ = train_gan(config, scaled_digits[0][:64], scaled_digits[1][:64], classifier,
                               TrainOutputs(tmp_path), verbose=0)
     assert np.isfinite(history[["d_loss", "g_loss"]].to_numpy()).all()
+
+
+@pytest.mark.parametrize(("setting", "gpus", "onednn", "expected"),
+                         [("auto", 0, True, True), ("auto", 0, False, False), ("auto", 1, True, False),
+                          ("enabled", 0, False, True), ("disabled", 0, True, False)])
+def test_auto_winograd_is_on_only_for_a_cpu_with_onednn(setting, gpus, onednn, expected, monkeypatch):
+    monkeypatch.setattr(devices, "gpu_count", lambda: gpus)
+    monkeypatch.setattr(devices, "onednn_enabled", lambda: onednn)
+    assert devices.winograd_enabled(setting) is expected
+
+
+def test_winograd_is_tagged_off_for_a_bfloat16_step():
+    assert devices.speed_settings("bfloat16", False, "enabled")["speed.winograd"] == "off"
+    assert devices.speed_settings("float32", False, "enabled")["speed.winograd"] == "on"
+
+
+@pytest.mark.numerics
+def test_training_with_winograd_gives_the_direct_convolutions_results_to_float32_rounding(tiny_params, scaled_digits):
+    # (16, 8, 4): a stride-1 5x5 transposed convolution, 7x7x16 -> 7x7x8, that Winograd computes when enabled.
+    results = []
+    for setting in ("enabled", "disabled"):
+        config = config_from_dict(merge(tiny_params, {"model": {"generator_filters": [16, 8, 4], "kernel_size": 5},
+                                                      "train": {"winograd": setting}}))
+        keras.utils.set_random_seed(config.seed)
+        gan = build_gan(config, (28, 28, 1))
+        assert [layer.winograd for layer in gan.generator.layers
+                if isinstance(layer, keras.layers.Conv2DTranspose)] == [setting == "enabled", False, False]
+        history = gan.fit(scaled_digits[0][:96], batch_size=32, epochs=1, shuffle=False, verbose=0).history
+        results.append([history["d_loss"][-1], history["g_loss"][-1],
+                        *(ops.convert_to_numpy(v) for v in gan.generator.trainable_variables)])
+    for what, a, b in zip(["d_loss", "g_loss", *range(len(results[0]) - 2)], *results, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * (np.abs(b).max() + 1e-3), err_msg=str(what))
