@@ -92,26 +92,28 @@ TUTORIAL_TRAIN = dict(latent_dim=100, d_steps=1, label_smoothing=0.0, instance_n
 
 # item -> (implementation, TF_ENABLE_ONEDNN_OPTS: None for TensorFlow's default for this CPU, "1" forced on,
 #          "0" forced off, PIPELINE for what a stage sets from params.yaml's train.onednn; XLA;
-#          our train.mixed_precision or None for params.yaml's, or --mixed-precision's)
+#          our train.mixed_precision or None for params.yaml's, or --mixed-precision's;
+#          our train.winograd or None for params.yaml's)
 # TensorFlow's default differs by CPU: on where it finds AVX-512 VNNI, bf16 or AMX units, off on AVX2-only CPUs
 # (AMD EPYC and Ryzen): so "the reference at its best" is the best of all three oneDNN settings.
 PIPELINE = "pipeline"
-ITEMS: dict[str, tuple[str, str | None, bool, str | None]] = {
-    "matmul": ("matmul", None, False, None),
-    "matmul/onednn-on": ("matmul", "1", False, None),
-    "matmul/onednn-off": ("matmul", "0", False, None),
-    "reference": ("reference", None, False, None),
-    "reference/onednn-on": ("reference", "1", False, None),
-    "reference/onednn-off": ("reference", "0", False, None),
-    "reference+xla": ("reference", None, True, None),
-    "reference+xla/onednn-off": ("reference", "0", True, None),
-    "ours": ("ours", PIPELINE, False, None),
-    "ours/tf-default": ("ours", None, False, None),
-    "ours/onednn-on": ("ours", "1", False, None),
-    "ours/onednn-off": ("ours", "0", False, None),
-    "ours/float32": ("ours", PIPELINE, False, "float32"),
-    "ours+xla": ("ours", PIPELINE, True, None),
-    "ours+xla/onednn-off": ("ours", "0", True, None),
+ITEMS: dict[str, tuple[str, str | None, bool, str | None, str | None]] = {
+    "matmul": ("matmul", None, False, None, None),
+    "matmul/onednn-on": ("matmul", "1", False, None, None),
+    "matmul/onednn-off": ("matmul", "0", False, None, None),
+    "reference": ("reference", None, False, None, None),
+    "reference/onednn-on": ("reference", "1", False, None, None),
+    "reference/onednn-off": ("reference", "0", False, None, None),
+    "reference+xla": ("reference", None, True, None, None),
+    "reference+xla/onednn-off": ("reference", "0", True, None, None),
+    "ours": ("ours", PIPELINE, False, None, None),
+    "ours/tf-default": ("ours", None, False, None, None),
+    "ours/onednn-on": ("ours", "1", False, None, None),
+    "ours/onednn-off": ("ours", "0", False, None, None),
+    "ours/float32": ("ours", PIPELINE, False, "float32", None),
+    "ours/winograd-off": ("ours", PIPELINE, False, None, "disabled"),
+    "ours+xla": ("ours", PIPELINE, True, None, None),
+    "ours+xla/onednn-off": ("ours", "0", True, None, None),
 }
 ONEDNN_TEXT = {None: "TF default", "1": "oneDNN forced on", "0": "oneDNN forced off",
                PIPELINE: "train.onednn as shipped"}
@@ -119,10 +121,10 @@ WARMUP_STEPS = 4
 
 
 def describe(item: str) -> str:
-    impl, onednn, xla, precision = ITEMS[item]
+    impl, onednn, xla, precision, winograd = ITEMS[item]
     text = f"{ONEDNN_TEXT[onednn]}, {'XLA' if xla else 'no XLA'}"
     if impl == "ours":
-        text += f", mixed_precision {precision or 'as in params.yaml'}"
+        text += f", mixed_precision {precision or 'as in params.yaml'}, winograd {winograd or 'as in params.yaml'}"
     return text
 
 
@@ -253,7 +255,7 @@ class ReferenceRunner:
 class OursRunner:
     """Our GAN of the tutorial's architecture, trained by `fit`: one block is one epoch of `steps` batches."""
 
-    def __init__(self, batch_size: int, xla: bool, images, precision: str | None):
+    def __init__(self, batch_size: int, xla: bool, images, precision: str | None, winograd: str | None = None):
         import keras
 
         from pipeline.config import load_config
@@ -264,7 +266,8 @@ class OursRunner:
         config = dataclasses.replace(
             config, model=dataclasses.replace(config.model, **TUTORIAL_MODEL),
             train=dataclasses.replace(config.train, batch_size=batch_size, **TUTORIAL_TRAIN,
-                                      mixed_precision=precision or config.train.mixed_precision))
+                                      mixed_precision=precision or config.train.mixed_precision,
+                                      winograd=winograd or config.train.winograd))
         self.policy = dtype_policy(config.train.mixed_precision)
         keras.utils.set_random_seed(config.seed)
         self.gan = build_gan(config, tuple(images.shape[1:]))
@@ -311,7 +314,7 @@ class OursRunner:
 
 def worker(item: str, batch_sizes: list[int], seconds: float, repeats: int, min_steps: int,
            mixed_precision: str | None) -> None:
-    impl, onednn, xla, precision = ITEMS[item]
+    impl, onednn, xla, precision, winograd = ITEMS[item]
     if onednn == PIPELINE:  # what pipeline.cli does in every stage, before TensorFlow loads
         from pipeline import tf_startup
         from pipeline.config import load_config
@@ -330,7 +333,7 @@ def worker(item: str, batch_sizes: list[int], seconds: float, repeats: int, min_
     images = mnist_images()
     for batch_size in batch_sizes:
         runner = (ReferenceRunner(batch_size, xla, images) if impl == "reference"
-                  else OursRunner(batch_size, xla, images, precision))
+                  else OursRunner(batch_size, xla, images, precision, winograd))
         warm = runner.warm_up(WARMUP_STEPS)
         steps = max(min_steps, math.ceil(seconds / statistics.median(warm[1:])))
         blocks, others = [], []
