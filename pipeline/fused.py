@@ -7,8 +7,8 @@ On TensorFlow (pipeline/tf_kernels.py has the kernels; benchmarks/RESULTS.md the
   convolution of the input with the output's gradient: oneDNN's backward-weights convolution
   runs at about a third of its forward speed on these CPUs' AMX units. 1.1x at batch 64.
 - Conv2DTranspose at stride 1 with a 5x5 kernel, in float32 with oneDNN (`train.winograd: auto`), runs as
-  Winograd's F(4x4, 5x5): 4.8x fewer multiplications in one batched matmul, 2.1x the layer's training speed at
-  batch 64 on an AVX2 CPU. `choose_winograd` sets it on a built model's layers.
+  Winograd's F(4x4, 5x5): 4.8x fewer multiplications on a 7x7 map, in one batched matmul; 2.4x the layer's
+  training speed at batch 64 on an AVX2 CPU. `choose_winograd` sets it on a built model's layers.
 - Adam updates each variable with the one fused ApplyAdam kernel, Keras' formula unchanged.
 Elsewhere (JAX, whose XLA fuses the same ops itself; inference; settings those kernels do not
 cover) they are Keras' own, and results are the same up to float rounding either way.
@@ -55,8 +55,7 @@ def _winograd_fits(layer) -> bool:
 
 def choose_winograd(model: keras.Model, setting: str) -> int:
     """Returns how many of `model`'s layers run as Winograd convolutions, having set each that fits as
-    `train.winograd` says (devices.winograd_enabled): 2.1x that layer's float32 training speed at batch 64, 2.9x at
-    256 on an AVX2 CPU, 1.4-1.7x on AVX-512, none without oneDNN (benchmarks/stride1_transpose.py).
+    `train.winograd` says (devices.winograd_enabled). Measured in benchmarks/stride1_transpose.py.
     """
     chosen = devices.winograd_enabled(setting)
     layers_ = [layer for layer in model._flatten_layers(include_self=False) if _winograd_fits(layer)]

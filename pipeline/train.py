@@ -606,7 +606,8 @@ def train_and_log(config: Config, images: np.ndarray, labels: np.ndarray, classi
     with tracking.start_run(config, manifest, resume_run_id=state and state.run_id, dataset=(images, labels)) as run:
         state = state or TrainState(fingerprint=fingerprint)
         state.run_id = run.info.run_id
-        run.set_tags({**speed_settings(t.mixed_precision, t.jit_compile, t.winograd), **distribution_settings(t.distribution)})
+        run.set_tags({**speed_settings(t.mixed_precision, t.jit_compile, t.winograd),
+                      **distribution_settings(t.distribution)})
         gan, history, fid_history = train_gan(config, images, labels, classifier, outputs, state=state,
                                               callbacks=[run.epoch_logger()])
         save_models(gan, outputs)
