@@ -28,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline.tf_kernels import winograd_conv2d_transpose  # noqa: E402
+from pipeline.tf_kernels import winograd_conv2d_transpose as winograd_transpose  # noqa: E402
+
+
+def winograd_conv2d_transpose(x, kernel):
+    """Returns the layer as Winograd F(4x4, 5x5)."""
+    return winograd_transpose(x, kernel, 1)
 
 
 def as_keras_runs_it(x, kernel):

@@ -92,7 +92,7 @@ class TrainConfig:
     onednn: str = _spec(choices=ONEDNN_SETTINGS,
                         doc="TensorFlow's oneDNN CPU kernels; auto: on for x86 with AVX2")
     winograd: str = _spec(choices=ONEDNN_SETTINGS,
-                          doc="stride-1 5x5 transposed convolutions as Winograd F(4x4, 5x5), float32 only; "
+                          doc="5x5 convolutions as Winograd convolutions (pipeline/fused.py), float32 only; "
                               "auto: on a CPU with oneDNN")
     distribution: str = _spec(choices=DISTRIBUTIONS,
                               doc="data_parallel: Keras' DataParallel over every visible device (JAX backend), "

@@ -6,9 +6,10 @@ On TensorFlow (pipeline/tf_kernels.py has the kernels; benchmarks/RESULTS.md the
 - Conv2D and Conv2DTranspose, on CPU in bfloat16, compute their kernel's gradient as a forward
   convolution of the input with the output's gradient: oneDNN's backward-weights convolution
   runs at about a third of its forward speed on these CPUs' AMX units. 1.1x at batch 64.
-- Conv2DTranspose at stride 1 with a 5x5 kernel, in float32 with oneDNN (`train.winograd: auto`), runs as
-  Winograd's F(4x4, 5x5): 4.8x fewer multiplications on a 7x7 map, in one batched matmul; 2.4x the layer's
-  training speed at batch 64 on an AVX2 CPU. `choose_winograd` sets it on a built model's layers.
+- 5x5 convolutions in float32 with oneDNN (`train.winograd: auto`) run as Winograd convolutions: transposed
+  ones at stride 1 as F(4x4, 5x5) (4.8x fewer multiplications on a 7x7 map, 2.4x the layer's training speed at
+  batch 64 on an AVX2 CPU), stride-2 ones (forward and transposed, from/to >= 8 channels) as F(4x4, 3x3) on their
+  four parity phases. `choose_winograd` sets it on a built model's layers.
 - Adam updates each variable with the one fused ApplyAdam kernel, Keras' formula unchanged.
 Elsewhere (JAX, whose XLA fuses the same ops itself; inference; settings those kernels do not
 cover) they are Keras' own, and results are the same up to float rounding either way.
@@ -45,12 +46,17 @@ def _cpu_kernel_gradient(layer) -> bool:
 
 
 def _winograd_fits(layer) -> bool:
-    """Returns whether `layer` is a transposed convolution that tf_kernels.winograd_conv2d_transpose computes:
-    on TensorFlow, float32, stride 1, "same", 5x5, undilated, channels last."""
-    return (isinstance(layer, Conv2DTranspose) and _tensorflow() is not None and layer.compute_dtype == "float32"
-            and tuple(layer.strides) == (1, 1) and tuple(layer.kernel_size) == (5, 5) and layer.padding == "same"
-            and tuple(layer.dilation_rate) == (1, 1) and layer.output_padding is None
-            and layer.data_format == "channels_last")
+    """Returns whether `layer` is a convolution that pipeline/tf_kernels.py's Winograd functions compute: on
+    TensorFlow, float32, 5x5, "same", undilated, channels last; a transposed one at stride 1, or 2 with at least 8
+    filters, a forward one at stride 2 from at least 8 channels (a 1-channel image layer ran 0.7x as fast)."""
+    if not (isinstance(layer, (Conv2D, Conv2DTranspose)) and _tensorflow() is not None
+            and layer.compute_dtype == "float32" and tuple(layer.kernel_size) == (5, 5) and layer.padding == "same"
+            and tuple(layer.dilation_rate) == (1, 1) and layer.data_format == "channels_last"):
+        return False
+    strides, (_, _, filters_in, filters_out) = tuple(layer.strides), layer.kernel.shape
+    if isinstance(layer, Conv2DTranspose):  # kernel (h, w, filters, channels)
+        return layer.output_padding is None and (strides == (1, 1) or (strides == (2, 2) and filters_in >= 8))
+    return layer.groups == 1 and strides == (2, 2) and filters_in >= 8
 
 
 def choose_winograd(model: keras.Model, setting: str) -> int:
@@ -81,7 +87,11 @@ class BatchNormalization(layers.BatchNormalization):
 class Conv2D(layers.Conv2D):
     """Keras' Conv2D; on TensorFlow's CPU in bfloat16 its kernel gradient is a forward convolution."""
 
+    winograd = False  # set per layer by choose_winograd
+
     def convolution_op(self, inputs, kernel):
+        if self.winograd and inputs.shape[1] % 2 == 0 and inputs.shape[2] % 2 == 0:
+            return _tensorflow().winograd_strided_conv2d(inputs, kernel)
         if self.groups == 1 and _cpu_kernel_gradient(self):
             return _tensorflow().conv2d(inputs, kernel, self.strides[0])
         return super().convolution_op(inputs, kernel)
@@ -96,7 +106,7 @@ class Conv2DTranspose(layers.Conv2DTranspose):
 
     def call(self, inputs):
         if self.winograd:
-            outputs = _tensorflow().winograd_conv2d_transpose(inputs, self.kernel)
+            outputs = _tensorflow().winograd_conv2d_transpose(inputs, self.kernel, self.strides[0])
         elif self.output_padding is not None or not _cpu_kernel_gradient(self):
             return super().call(inputs)
         else:

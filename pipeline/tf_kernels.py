@@ -111,18 +111,17 @@ def _tile_transforms(length: int, taps: int) -> tuple[tf.Tensor, tf.Tensor]:
             tf.constant(back.reshape(length, alpha * tiles), tf.float32))
 
 
-def winograd_conv2d_transpose(x, kernel):
-    """Returns the "same"-padded stride-1 transposed convolution of float32 `x` (batch, height, width, channels) by
-    a Keras `kernel` (size, size, filters, channels), computed by Winograd's F(4x4, size x size).
+def winograd_conv2d(x, kernel):
+    """Returns the "same"-padded stride-1 correlation of float32 `x` (batch, height, width, channels) by `kernel`
+    (size, size, channels, filters), computed by Winograd's F(4x4, size x size).
 
-    A stride-1 transposed convolution is the correlation by the kernel flipped in space. Winograd takes each 4x4
-    output tile from (size + 3)^2 products per channel pair, not 16 size^2: for 5x5 6.25x fewer multiplications,
-    4.8x on a 7x7 map (its 4x4 tiles cover 8x8), in one batched matmul; the input, kernel and output transforms
-    are small matmuls. Its gradients are matmuls too
+    Winograd takes each 4x4 output tile from (size + 3)^2 products per channel pair, not 16 size^2: for 5x5 6.25x
+    fewer multiplications, 4.8x on a 7x7 map (its 4x4 tiles cover 8x8); for 3x3 4x and 2.8x. The products are one
+    batched matmul; the input, kernel and output transforms are small matmuls, so its gradients are matmuls too
     (TensorFlow's own). Results differ from the direct convolution by float32 rounding (relative RMS about 6e-6
     for 5x5); in bfloat16 the transforms would lose too much, so this is float32 only.
     """
-    size, _, filters, channels = kernel.shape
+    size, _, channels, filters = kernel.shape
     _, height, width, _ = x.shape
     rows_in, rows_out = _tile_transforms(height, size)
     cols_in, cols_out = _tile_transforms(width, size)
@@ -131,15 +130,55 @@ def winograd_conv2d_transpose(x, kernel):
     # Input tiles: [(row point, row tile), (column point, column tile), batch * channels].
     v = tf.reshape(rows_in @ tf.reshape(tf.transpose(x, (1, 2, 0, 3)), (height, -1)), (alpha * row_tiles, width, -1))
     v = tf.reshape(tf.linalg.matmul(cols_in[None], v), (alpha, row_tiles, alpha, col_tiles * batch, channels))
-    # Kernel: the flip is G's columns reversed; [row point, 1, column point, filters, channels].
-    g = tf.constant(winograd_matrices(size)[1][:, ::-1].copy(), tf.float32)
+    # Kernel: [row point, 1, column point, channels, filters].
+    g = tf.constant(winograd_matrices(size)[1], tf.float32)
     u = tf.reshape(g @ tf.reshape(kernel, (size, -1)), (alpha, size, -1))
-    u = tf.reshape(tf.linalg.matmul(g[None], u), (alpha, 1, alpha, filters, channels))
+    u = tf.reshape(tf.linalg.matmul(g[None], u), (alpha, 1, alpha, channels, filters))
     # One matmul per pair of points, over every tile of the batch: [row point, row tile, column point, ., filters].
-    y = tf.reshape(tf.linalg.matmul(v, u, transpose_b=True), (alpha * row_tiles, -1))
+    y = tf.reshape(tf.linalg.matmul(v, u), (alpha * row_tiles, -1))
     y = tf.reshape(rows_out @ y, (height, alpha * col_tiles, -1))
     y = tf.reshape(tf.linalg.matmul(cols_out[None], y), (height, width, batch, filters))
     return tf.transpose(y, (2, 0, 1, 3))
+
+
+# A stride-2 "same" 5x5 convolution (input 2n -> n, padding 1 before) splits by the input's parity into a 3x3
+# correlation of each phase: along an axis, output i reads even inputs 2(i-1..i+1) with taps (none, 1, 3) and odd
+# ones 2(i-1..i+1)+1 with taps (0, 2, 4). Its transpose (n -> 2n) gives output phase 0 taps (3, 1, none) and
+# phase 1 taps (4, 2, 0) over inputs i-1..i+1. Index 5 is a zero tap.
+CONV_PHASE_TAPS = ((5, 1, 3), (0, 2, 4))
+TRANSPOSE_PHASE_TAPS = ((3, 1, 5), (4, 2, 0))
+
+
+def _phase_kernels(kernel, taps):
+    """Returns a 5x5 kernel's taps per phase pair: [row phase, row tap, column phase, column tap, ...] (2, 3, 2, 3)."""
+    padded = tf.pad(kernel, [[0, 1], [0, 1], [0, 0], [0, 0]])
+    return tf.gather(tf.gather(padded, taps, axis=0), taps, axis=2)
+
+
+def winograd_strided_conv2d(x, kernel):
+    """Returns the "same"-padded stride-2 convolution of float32 `x` (even height and width) by a 5x5 `kernel`
+    (5, 5, channels, filters): the 3x3 Winograd correlation of x's four parity phases (space_to_depth)."""
+    channels, filters = kernel.shape[2:]
+    phases = _phase_kernels(kernel, CONV_PHASE_TAPS)  # [a, th, b, tw, channels, filters]
+    # space_to_depth orders channels (row phase, column phase, channel).
+    stacked = tf.reshape(tf.transpose(phases, (1, 3, 0, 2, 4, 5)), (3, 3, 4 * channels, filters))
+    return winograd_conv2d(tf.nn.space_to_depth(x, 2), stacked)
+
+
+def winograd_conv2d_transpose(x, kernel, stride: int):
+    """Returns the "same"-padded transposed convolution of float32 `x` by a Keras 5x5 `kernel` (5, 5, filters,
+    channels) at stride 1 or 2, as Winograd correlations.
+
+    At stride 1 it is the correlation by the kernel flipped in space, channel axes swapped; at stride 2 each of the
+    output's four parity phases is a 3x3 correlation of x, computed as one with 4 x filters (depth_to_space).
+    """
+    if stride == 1:
+        return winograd_conv2d(x, tf.transpose(tf.reverse(kernel, (0, 1)), (0, 1, 3, 2)))
+    filters, channels = kernel.shape[2:]
+    phases = _phase_kernels(kernel, TRANSPOSE_PHASE_TAPS)  # [p, th, q, tw, filters, channels]
+    # depth_to_space reads channels as (row phase, column phase, filter).
+    stacked = tf.reshape(tf.transpose(phases, (1, 3, 5, 0, 2, 4)), (3, 3, channels, 4 * filters))
+    return tf.nn.depth_to_space(winograd_conv2d(x, stacked), 2)
 
 
 def kernel_gradient(x, dy, size: int, stride: int):

@@ -201,7 +201,8 @@ def build_gan(config: Config, image_shape: tuple[int, int, int]) -> GAN:
     with precision(dtype_policy(t.mixed_precision)):
         gan = GAN(build_generator(config.model, t.latent_dim, image_shape),
                   build_discriminator(config.model, image_shape), t, config.seed)
-    fused.choose_winograd(gan.generator, t.winograd)
+    for model in (gan.generator, gan.discriminator):
+        fused.choose_winograd(model, t.winograd)
     gan.compile(d_optimizer=fused.Adam(t.discriminator_lr, beta_1=t.beta_1),
                 g_optimizer=fused.Adam(t.lr, beta_1=t.beta_1, use_ema=t.ema > 0, ema_momentum=t.ema))
     # JAX without jit runs op by op, many times slower: there the step is always compiled.

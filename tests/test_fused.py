@@ -189,20 +189,26 @@ def test_winograd_matrices_compute_a_correlation(taps):
     np.testing.assert_allclose(a_t @ ((g @ kernel) * (b_t @ d)), direct, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(4, 7, 7, 32), (3, 5, 9, 8), (2, 1, 1, 4)], ids=["7x7", "5x9", "1x1"])
-def test_winograd_transposed_convolution_trains_like_keras_own(shape):
-    ours, theirs = twin_convolutions("Conv2DTranspose", 16, 5, 1, shape, "float32")
+@pytest.mark.parametrize(("name", "stride", "shape"),
+                         [("Conv2DTranspose", 1, (4, 7, 7, 32)), ("Conv2DTranspose", 1, (3, 5, 9, 8)),
+                          ("Conv2DTranspose", 1, (2, 1, 1, 4)), ("Conv2DTranspose", 2, (3, 7, 7, 8)),
+                          ("Conv2DTranspose", 2, (2, 5, 9, 4)), ("Conv2D", 2, (3, 14, 14, 8)),
+                          ("Conv2D", 2, (2, 6, 10, 3))])
+def test_winograd_convolutions_train_like_keras_own(name, stride, shape):
+    ours, theirs = twin_convolutions(name, 16, 5, stride, shape, "float32")
     ours.winograd = True
     x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
     for what, a, b in zip(["outputs", "d_inputs", "d_kernel"], conv_gradients(ours, x), conv_gradients(theirs, x)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=what)  # float32 rounding
 
 
-def test_winograd_transposed_convolution_runs_no_convolution_kernel():
-    ours, _ = twin_convolutions("Conv2DTranspose", 8, 5, 1, (4, 7, 7, 8), "float32")
+@pytest.mark.parametrize(("name", "stride", "shape"), [("Conv2DTranspose", 1, (4, 7, 7, 8)),
+                                                      ("Conv2DTranspose", 2, (4, 7, 7, 8)), ("Conv2D", 2, (4, 14, 14, 8))])
+def test_winograd_convolutions_run_no_convolution_kernel(name, stride, shape):
+    ours, _ = twin_convolutions(name, 8, 5, stride, shape, "float32")
     ours.winograd = True
-    types = kernel_gradient_ops(ours, (4, 7, 7, 8)) | {
-        op.type for op in tf.function(ours).get_concrete_function(tf.TensorSpec((4, 7, 7, 8))).graph.get_operations()}
+    types = kernel_gradient_ops(ours, shape) | {
+        op.type for op in tf.function(ours).get_concrete_function(tf.TensorSpec(shape)).graph.get_operations()}
     assert not {t for t in types if t.startswith("Conv2D")} and "BatchMatMulV2" in types
 
 
@@ -221,6 +227,16 @@ def test_choose_winograd_sets_exactly_the_float32_stride1_5x5_transposed_convolu
     assert len(stride1) == 1  # (16, 8, 4): 7x7 -> 7x7, then two upsamplings
     assert fused.choose_winograd(generator, setting) == (1 if setting == "enabled" else 0)
     assert winograd_layers(generator) == (stride1 if setting == "enabled" else [])
+
+
+def test_choose_winograd_sets_the_discriminators_strided_convolution_from_8_channels(tiny_config):
+    config = tiny_config.model.__class__(**{**tiny_config.model.__dict__, "arch": "dcgan", "kernel_size": 5,
+                                            "discriminator_filters": (8, 16)})
+    with precision("float32"):
+        discriminator = build_discriminator(config, (28, 28, 1))
+    convs = [layer.name for layer in discriminator.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert fused.choose_winograd(discriminator, "enabled") == 1
+    assert winograd_layers(discriminator) == convs[1:]  # not the first, on the 1-channel image
 
 
 def test_choose_winograd_leaves_bfloat16_layers_alone(tiny_config):
