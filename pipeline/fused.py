@@ -53,7 +53,7 @@ def _winograd_fits(layer) -> bool:
             and layer.compute_dtype == "float32" and tuple(layer.kernel_size) == (5, 5) and layer.padding == "same"
             and tuple(layer.dilation_rate) == (1, 1) and layer.data_format == "channels_last"):
         return False
-    strides, (_, _, filters_in, filters_out) = tuple(layer.strides), layer.kernel.shape
+    strides, filters_in = tuple(layer.strides), layer.kernel.shape[2]
     if isinstance(layer, Conv2DTranspose):  # kernel (h, w, filters, channels)
         return layer.output_padding is None and (strides == (1, 1) or (strides == (2, 2) and filters_in >= 8))
     return layer.groups == 1 and strides == (2, 2) and filters_in >= 8
@@ -85,7 +85,8 @@ class BatchNormalization(layers.BatchNormalization):
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class Conv2D(layers.Conv2D):
-    """Keras' Conv2D; on TensorFlow's CPU in bfloat16 its kernel gradient is a forward convolution."""
+    """Keras' Conv2D; on TensorFlow's CPU in bfloat16 its kernel gradient is a forward convolution, and where
+    choose_winograd set it (stride 2, even input), a Winograd convolution."""
 
     winograd = False  # set per layer by choose_winograd
 
