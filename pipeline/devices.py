@@ -69,16 +69,13 @@ def winograd_enabled(setting: str) -> bool:
     return setting == "enabled" or (setting == "auto" and not gpu_count() and bool(onednn_enabled()))
 
 
-def speed_settings(setting_precision: str, jit_compile: bool, winograd: str) -> dict[str, str]:
-    """Returns the settings a training step ran with, for the train log and the run's tags."""
+def speed_settings(setting_precision: str, jit_compile: bool) -> dict[str, str]:
+    """Returns the settings a training step runs with, for the train log and the run's tags (the models' Winograd
+    layers are counted once built: pipeline/train.py winograd_settings)."""
     onednn = onednn_enabled()
-    policy = dtype_policy(setting_precision)
-    # Winograd runs only on TensorFlow, in float32 (pipeline/fused.py).
-    winograd_on = winograd_enabled(winograd) and onednn is not None and policy == "float32"
     return {"speed.cpu_units": isa_summary(cpu_flags()),
             "speed.onednn": "n/a" if onednn is None else ("on" if onednn else "off"),
-            "speed.dtype_policy": policy,
-            "speed.winograd": "on" if winograd_on else "off",
+            "speed.dtype_policy": dtype_policy(setting_precision),
             "speed.xla": "on" if jit_compile or keras.backend.backend() == "jax" else "off"}
 
 

@@ -67,6 +67,7 @@ class GAN(keras.Model):
         # Annealed each epoch by Schedules; a variable, so the compiled step sees it change.
         self.noise_std = keras.Variable(config.instance_noise, trainable=False, name="noise_std")
         self.noise_seed = keras.random.SeedGenerator(seed)
+        self.winograd_layers = 0  # how many of its convolutions run as Winograd's (set by build_gan)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
         # Complete: its models are built and it has no call() of its own. (JAX's fit() would else
         # try to build it by calling it on a batch.)
@@ -201,13 +202,19 @@ def build_gan(config: Config, image_shape: tuple[int, int, int]) -> GAN:
     with precision(dtype_policy(t.mixed_precision)):
         gan = GAN(build_generator(config.model, t.latent_dim, image_shape),
                   build_discriminator(config.model, image_shape), t, config.seed)
-    for model in (gan.generator, gan.discriminator):
-        fused.choose_winograd(model, t.winograd)
+    gan.winograd_layers = sum(fused.choose_winograd(model, t.winograd) for model in (gan.generator, gan.discriminator))
     gan.compile(d_optimizer=fused.Adam(t.discriminator_lr, beta_1=t.beta_1),
                 g_optimizer=fused.Adam(t.lr, beta_1=t.beta_1, use_ema=t.ema > 0, ema_momentum=t.ema))
     # JAX without jit runs op by op, many times slower: there the step is always compiled.
     gan.jit_compile = t.jit_compile or keras.backend.backend() == "jax"
     return gan
+
+
+def winograd_settings(gan: GAN) -> dict[str, str]:
+    """Returns the train log's and the run's tags for `gan`'s Winograd convolutions: "on" where any layer runs one
+    (train.winograd chose it and the layer fits, pipeline/fused.py), and how many."""
+    return {"speed.winograd": "on" if gan.winograd_layers else "off",
+            "speed.winograd_layers": str(gan.winograd_layers)}
 
 
 def averaged_generator(gan: GAN, out: keras.Model | None = None) -> keras.Model:
@@ -484,7 +491,7 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
         log.info("training with %s in %s: %d images of shape %s; %s", device, gan.generator.dtype_policy.name,
                  len(images), images.shape[1:],
                  ", ".join(f"{k.removeprefix('speed.')} {v}"
-                           for k, v in {**speed_settings(t.mixed_precision, t.jit_compile, t.winograd),
+                           for k, v in {**speed_settings(t.mixed_precision, t.jit_compile), **winograd_settings(gan),
                                         **distribution_settings(t.distribution)}.items()))
         best_weights = None
         if state.epoch:
@@ -607,10 +614,10 @@ def train_and_log(config: Config, images: np.ndarray, labels: np.ndarray, classi
     with tracking.start_run(config, manifest, resume_run_id=state and state.run_id, dataset=(images, labels)) as run:
         state = state or TrainState(fingerprint=fingerprint)
         state.run_id = run.info.run_id
-        run.set_tags({**speed_settings(t.mixed_precision, t.jit_compile, t.winograd),
-                      **distribution_settings(t.distribution)})
+        run.set_tags({**speed_settings(t.mixed_precision, t.jit_compile), **distribution_settings(t.distribution)})
         gan, history, fid_history = train_gan(config, images, labels, classifier, outputs, state=state,
                                               callbacks=[run.epoch_logger()])
+        run.set_tags(winograd_settings(gan))
         save_models(gan, outputs)
         summary = summarize(history, fid_history)
         write_json(outputs.metrics, summary)

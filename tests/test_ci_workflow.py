@@ -113,7 +113,8 @@ def ci_project(folder: Path) -> tuple[Path, dict]:
     shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
     shutil.copytree(ROOT / ".github", root / ".github")
     (root / ".venv").symlink_to(ROOT / ".venv", target_is_directory=True)
-    # The link is no directory, so .gitignore's `.venv/` misses it; an untracked link would reach the experiment.
+    # The link is no directory: a `.venv/` pattern would miss it, and an untracked link would reach the experiment;
+    # .gitignore's `.venv` covers it, and the exclude keeps it out whatever .gitignore says.
     with open(root / ".git" / "info" / "exclude", "a") as f:
         f.write("/.venv\n")
     # The workflow's `make install` finds the environment installed, as after a first install, and installs

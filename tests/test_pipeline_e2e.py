@@ -117,7 +117,9 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_model_and_tags(project):
     # What the step ran with: this process' oneDNN (make test sets TF_ENABLE_ONEDNN_OPTS), the tiny float32.
     expected_onednn = {"0": "off", "1": "on"}.get(os.environ.get("TF_ENABLE_ONEDNN_OPTS", ""), tags["speed.onednn"])
     assert (tags["speed.onednn"], tags["speed.dtype_policy"], tags["speed.xla"]) == (expected_onednn, "float32", "off")
-    assert tags["speed.winograd"] == expected_onednn  # train.winograd auto: on where oneDNN is, in float32
+    # train.winograd auto: on where oneDNN is, in float32, for the generator's stride-1 5x5 layer at least.
+    assert tags["speed.winograd"] == expected_onednn
+    assert (int(tags["speed.winograd_layers"]) > 0) == (expected_onednn == "on")
     assert tags["speed.cpu_units"]
     assert Path(experiment.artifact_location.removeprefix("file://")).is_relative_to(root / "mlruns")
     assert tags["data.offline_fallback"] == "true" and "OFFLINE FALLBACK" in tags["data.warning"]

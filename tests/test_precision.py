@@ -10,7 +10,7 @@ from pipeline import devices
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.paths import TrainOutputs
 from pipeline.models import generate, load_model
-from pipeline.train import averaged_generator, build_gan, save_models, train_gan
+from pipeline.train import averaged_generator, build_gan, save_models, train_gan, winograd_settings
 from test_train import classifier  # noqa: F401 (fixture)
 
 
@@ -150,9 +150,17 @@ def test_auto_winograd_is_on_only_for_a_cpu_with_onednn(setting, gpus, onednn, e
     assert devices.winograd_enabled(setting) is expected
 
 
-def test_winograd_is_tagged_off_for_a_bfloat16_step():
-    assert devices.speed_settings("bfloat16", False, "enabled")["speed.winograd"] == "off"
-    assert devices.speed_settings("float32", False, "enabled")["speed.winograd"] == "on"
+@pytest.mark.parametrize(("model", "train", "expected"),
+                         [({"kernel_size": 5}, {"winograd": "enabled"}, "on"),
+                          ({"kernel_size": 5}, {"winograd": "enabled", "mixed_precision": "bfloat16"}, "off"),
+                          ({"kernel_size": 3}, {"winograd": "enabled"}, "off"),  # no layer fits
+                          ({"kernel_size": 5}, {"winograd": "disabled"}, "off")])
+def test_winograd_is_tagged_on_only_where_a_built_layer_runs_it(tiny_params, model, train, expected):
+    gan = build_gan(config_from_dict(merge(tiny_params, {"model": model, "train": train})), (28, 28, 1))
+    chosen = [layer for net in (gan.generator, gan.discriminator) for layer in net._flatten_layers()
+              if getattr(layer, "winograd", False)]
+    assert (len(chosen) > 0) == (expected == "on")
+    assert winograd_settings(gan) == {"speed.winograd": expected, "speed.winograd_layers": str(len(chosen))}
 
 
 @pytest.mark.numerics
