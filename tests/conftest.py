@@ -64,6 +64,23 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+@pytest.fixture(autouse=True)
+def forget_mlflow_tracking_uri():
+    """Leaves no tracking URI set in MLflow for the next test.
+
+    tracking.start_run calls mlflow.set_tracking_uri, whose setting outranks MLFLOW_TRACKING_URI for the rest of the
+    process: after a test against a server that has since stopped, the next test's own store was ignored and its
+    MLflow calls went to the closed port (CI, a random test order). monkeypatch restores the variable itself.
+    """
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        saved = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(None)  # which also unsets the variable
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 @pytest.fixture
 def tiny_params() -> dict:
     return merge(default_params(), TINY_OVERRIDES)
