@@ -151,7 +151,8 @@ class TrackedRun(mlflow.ActiveRun):
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs each epoch's metrics to a run once a checkpoint holds the epoch; training's warnings become tags.
+    """Logs each epoch's metrics to a run once a checkpoint holds the epoch; training's settings and warnings
+    become tags.
 
     Each epoch is stamped with the time the checkpoint first recorded for it: a resumed run that
     logs it again (a crash came between checkpoint and logging) sends the same values with the
@@ -162,6 +163,10 @@ class EpochLogger(keras.callbacks.Callback):
         super().__init__()
         self.run = run
         self.logged_epoch = 0  # by this process
+
+    def on_start(self, settings: Mapping[str, str]) -> None:
+        """Tags the run with training's speed settings (`speed.*`: precision, oneDNN, XLA, Winograd, devices)."""
+        self.run.set_tags(settings)
 
     def on_checkpoint(self, state: TrainState) -> None:
         """Logs every epoch of `state` that this process has not logged, with the FID of the epochs that have one."""

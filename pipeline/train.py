@@ -326,6 +326,9 @@ class TimeLimit(keras.callbacks.Callback):
 class TrainingListener(Protocol):
     """What a callback given to train_gan may also implement, to hear what fit's own events do not say."""
 
+    def on_start(self, settings: Mapping[str, str]) -> None:
+        """Training starts with these speed settings, the models built: the train log's line, as `speed.*` tags."""
+
     def on_checkpoint(self, state: TrainState) -> None:
         """A checkpoint now holds `state`: its epochs survive a crash (read-only)."""
 
@@ -362,7 +365,7 @@ class EpochEnd(keras.callbacks.Callback):
     epoch (train.epochs, or the time limit's) does all of them.
 
     One callback, so the order is this method's and `state` has one writer; listeners hear of
-    checkpoints and warnings through their own methods (TrainingListener).
+    checkpoints and warnings through their own methods (TrainingListener; train_gan tells them of the start).
 
     Checkpoints record when each epoch was first checkpointed (`state.log_times`): a tracker that
     stamps an epoch's metrics with it can send them again after a crash without doubling them.
@@ -470,7 +473,7 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
 
     Starts from `state` (a checkpoint's) when given. On the way it writes grids, checkpoints and
     the best-FID generator to `outputs`. `callbacks` run after training's own each epoch; those
-    that are TrainingListeners also hear of each checkpoint and warning.
+    that are TrainingListeners also hear of the start's speed settings, each checkpoint and each warning.
 
     With several processes (devices.initialize_processes), process 0's `state` and checkpoint count: the others
     start from its epoch and variables, feed their rows of each global batch (process_batches) and write nothing.
@@ -488,11 +491,14 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
     with distributed(t.distribution, t.batch_size) as device_count:  # models are laid out on the devices as built
         keras.utils.set_random_seed(config.seed + state.epoch)
         gan = build_gan(config, tuple(images.shape[1:]))
+        settings = {**speed_settings(t.mixed_precision, t.jit_compile), **winograd_settings(gan),
+                    **distribution_settings(t.distribution)}
         log.info("training with %s in %s: %d images of shape %s; %s", device, gan.generator.dtype_policy.name,
                  len(images), images.shape[1:],
-                 ", ".join(f"{k.removeprefix('speed.')} {v}"
-                           for k, v in {**speed_settings(t.mixed_precision, t.jit_compile), **winograd_settings(gan),
-                                        **distribution_settings(t.distribution)}.items()))
+                 ", ".join(f"{k.removeprefix('speed.')} {v}" for k, v in settings.items()))
+        listeners = [c for c in callbacks if isinstance(c, TrainingListener)]
+        for listener in listeners if writer else ():
+            listener.on_start(settings)  # before the first step: a run that dies in training still says how it ran
         best_weights = None
         if state.epoch:
             best_weights = restore_checkpoint(gan, outputs.checkpoint if writer else None)
@@ -501,7 +507,6 @@ def train_gan(config: Config, images: np.ndarray, labels: np.ndarray, classifier
                     restore_outputs(gan, state, best_weights, outputs)
         elif writer:
             shutil.rmtree(outputs.grids, ignore_errors=True)  # grids persist for resumes, not fresh runs
-        listeners = [c for c in callbacks if isinstance(c, TrainingListener)]
         own = [EpochEnd(config, state, outputs, fid_scorer(config, classifier, images), best_weights, listeners),
                DivergenceGuard()]
         if t.time_limit_minutes is not None:
@@ -614,10 +619,8 @@ def train_and_log(config: Config, images: np.ndarray, labels: np.ndarray, classi
     with tracking.start_run(config, manifest, resume_run_id=state and state.run_id, dataset=(images, labels)) as run:
         state = state or TrainState(fingerprint=fingerprint)
         state.run_id = run.info.run_id
-        run.set_tags({**speed_settings(t.mixed_precision, t.jit_compile), **distribution_settings(t.distribution)})
         gan, history, fid_history = train_gan(config, images, labels, classifier, outputs, state=state,
                                               callbacks=[run.epoch_logger()])
-        run.set_tags(winograd_settings(gan))
         save_models(gan, outputs)
         summary = summarize(history, fid_history)
         write_json(outputs.metrics, summary)

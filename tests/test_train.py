@@ -101,3 +101,28 @@ def test_batch_larger_than_dataset_is_refused_before_training(tiny_config, scale
         train_gan(tiny_config, scaled_digits[0][:10], scaled_digits[1][:10], classifier, TrainOutputs(tmp_path),
                   verbose=0)
     assert not (tmp_path / "models").exists()
+
+
+def test_listeners_hear_the_speed_settings_before_the_first_step(tiny_config, scaled_digits, classifier, tmp_path):
+    heard = []
+
+    class Listener(keras.callbacks.Callback):
+        def on_start(self, settings):
+            heard.append(dict(settings))
+
+        def on_checkpoint(self, state):
+            pass
+
+        def on_warning(self, name, message):
+            pass
+
+        def on_train_batch_begin(self, batch, logs=None):
+            raise RuntimeError("the first step")  # a training that dies at once
+
+    with pytest.raises(RuntimeError, match="the first step"):
+        train_gan(tiny_config, scaled_digits[0][:64], scaled_digits[1][:64], classifier, TrainOutputs(tmp_path),
+                  callbacks=[Listener()], verbose=0)
+    [settings] = heard
+    expected = {"speed.dtype_policy", "speed.onednn", "speed.xla", "speed.winograd", "speed.winograd_layers"}
+    assert expected <= set(settings)
+    assert settings["speed.dtype_policy"] == "float32"  # the tiny config's train.mixed_precision
