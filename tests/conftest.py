@@ -7,6 +7,7 @@ import functools
 import glob
 import http.server
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -255,6 +256,48 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> subproces
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
+
+
+@contextlib.contextmanager
+def queue_started(root: Path, env: dict, dvc: str, jobs: int = 1) -> Iterator[None]:
+    """Runs `dvc queue start -j jobs` in `root`; on leaving, stops the workers still alive.
+
+    Its output goes to a file, not a pipe: `queue start` leaves a daemon per worker that keeps the output it was given
+    open until its worker exits, and a worker can outlive the queue. dvc-task's monitor can tell a worker to shut
+    down while its task still runs ("shutting down due to empty queue" logged mid-task, seen in a full suite run);
+    the task finishes and the worker idles on, never exiting, so a pipe's reader would wait for ever.
+    """
+    log = root.parent / f"{root.name}-queue-start.log"
+    with open(log, "w") as out:
+        started = subprocess.run([dvc, "queue", "start", "-j", str(jobs)], cwd=root, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, timeout=300, check=False)
+    assert started.returncode == 0, f"dvc queue start failed:\n{log.read_text()[-4000:]}"
+    try:
+        yield
+    finally:
+        stop_queue_workers(root)
+
+
+def stop_queue_workers(root: Path, grace_s: float = 30) -> None:
+    """Stops the queue workers of `root` that are still alive: SIGTERM (celery's warm shutdown), then SIGKILL.
+
+    A worker's pid is in its .json under .dvc/tmp/exps/celery; it is checked against the process's command line, so
+    a reused pid is left alone.
+    """
+    alive = []
+    for info in (root / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.json"):
+        pid = json.loads(info.read_text())["pid"]
+        with contextlib.suppress(OSError):
+            if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGTERM)
+                alive.append(pid)
+    deadline = time.monotonic() + grace_s
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if Path(f"/proc/{pid}/cmdline").exists()]
+        time.sleep(0.5)
+    for pid in alive:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def make_project(root: Path, overrides: dict) -> tuple[Path, dict, str]:

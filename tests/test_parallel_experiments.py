@@ -19,7 +19,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import TINY_OVERRIDES, copy_project, make_project, mlflow_server, run, team_stack, team_stack_script
+from conftest import (TINY_OVERRIDES, copy_project, make_project, mlflow_server, queue_started, run, team_stack,
+                      team_stack_script)
 
 pytestmark = pytest.mark.slow
 
@@ -46,16 +47,17 @@ def run_queue(root: Path, env: dict, dvc: str) -> tuple[str, dict[str, str]]:
     them with two workers; kills them and fails if they are not done within QUEUE_TIMEOUT_S."""
     for name, epochs in EXPERIMENTS.items():
         run([dvc, "exp", "run", "--queue", "-n", name, "-S", f"train.epochs={epochs}"], root, env)
-    run([dvc, "queue", "start", "-j", "2"], root, env)
-    deadline = time.monotonic() + QUEUE_TIMEOUT_S
-    while True:
-        status = run([dvc, "queue", "status"], root, env).stdout
-        if not any(state in status for state in ("Queued", "Running")):
-            break
-        if time.monotonic() > deadline:
-            subprocess.run([dvc, "queue", "kill", *EXPERIMENTS], cwd=root, env=env, capture_output=True, check=False)
-            pytest.fail(f"the queue did not finish within {QUEUE_TIMEOUT_S} s:\n{status}", pytrace=False)
-        time.sleep(5)
+    with queue_started(root, env, dvc, jobs=2):
+        deadline = time.monotonic() + QUEUE_TIMEOUT_S
+        while True:
+            status = run([dvc, "queue", "status"], root, env).stdout
+            if not any(state in status for state in ("Queued", "Running")):
+                break
+            if time.monotonic() > deadline:
+                subprocess.run([dvc, "queue", "kill", *EXPERIMENTS], cwd=root, env=env, capture_output=True,
+                               check=False)
+                pytest.fail(f"the queue did not finish within {QUEUE_TIMEOUT_S} s:\n{status}", pytrace=False)
+            time.sleep(5)
     logs = {name: subprocess.run([dvc, "queue", "logs", name], cwd=root, env=env, capture_output=True, text=True,
                                  check=False).stdout for name in EXPERIMENTS}
     return status, logs

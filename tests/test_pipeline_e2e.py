@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TINY_OVERRIDES, copy_project, default_params, make_project, merge, run
+from conftest import TINY_OVERRIDES, copy_project, default_params, make_project, merge, queue_started, run
 from imports import stage_closures
 
 SHIPPED_ARCH = default_params()["model"]["arch"]
@@ -229,13 +229,13 @@ def test_queued_experiment_runs_in_a_copy_and_logs_into_the_project_store(own_pr
 
     root, env, dvc = own_project
     run([dvc, "exp", "run", "--queue", "-n", "two-epochs", "-S", "train.epochs=2"], root, env)
-    run([dvc, "queue", "start"], root, env)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = run([dvc, "queue", "status"], root, env).stdout
-        if "two-epochs" in status and not any(s in status for s in ("Queued", "Running")):
-            break
-        time.sleep(3)
+    with queue_started(root, env, dvc):
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = run([dvc, "queue", "status"], root, env).stdout
+            if "two-epochs" in status and not any(s in status for s in ("Queued", "Running")):
+                break
+            time.sleep(3)
     assert "Success" in status, status
     shown = json.loads(run([dvc, "exp", "show", "--json"], root, env).stdout)
     assert "two-epochs" in json.dumps(shown) and '"fid"' in json.dumps(shown)
